@@ -1,0 +1,49 @@
+"""Token-level KV compressor: one entry per window of m tokens (overlapping windows of 2m for CSA)."""
+
+import torch
+from torch import nn
+
+from model.layout import Entries
+from model.norm import RMSNorm
+from model.rope import apply_rope
+
+
+def gather_tokens(x_BSF: torch.Tensor, idx_B_: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, ...]] -> [B, *idx.shape[1:], F]."""
+    rows = torch.arange(x_BSF.shape[0], device=x_BSF.device).view(-1, *([1] * (idx_B_.dim() - 1)))
+    return x_BSF[rows, idx_B_]
+
+
+class Compressor(nn.Module):
+    """Softmax-gated pooling of each window with a learned position bias `ape`, then RMSNorm and RoPE.
+
+    With `overlap` (CSA, m = 4) `wkv`/`wgate` produce two series: the first `head_dim` channels feed the
+    *next* window's entry, the last `head_dim` channels the window's own entry (2m slots per entry).
+    """
+
+    def __init__(self, dim: int, head_dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.head_dim, self.rate, self.overlap = head_dim, rate, overlap
+        width = (2 if overlap else 1) * head_dim
+        self.wkv = nn.Linear(dim, width, bias=False)
+        self.wgate = nn.Linear(dim, width, bias=False)
+        self.ape = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x_BSD: torch.Tensor, entries: Entries, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor):
+        """Compressed entries [B, T, head_dim] for the layout's windows (padding rows are junk, masked later)."""
+        kv, gate = self.wkv(x_BSD), self.wgate(x_BSD)
+        idx = entries.start_BT.unsqueeze(-1) + torch.arange(self.rate, device=x_BSD.device)  # [B, T, m]
+        values = gather_tokens(kv, idx)
+        logits = gather_tokens(gate, idx) + self.ape
+        if self.overlap:
+            c = self.head_dim
+            prev = (idx - self.rate).clamp(min=0)
+            prev_logits = (gather_tokens(gate, prev)[..., :c] + self.ape[:, :c]).masked_fill(
+                ~entries.has_prev_BT[..., None, None], float("-inf")
+            )
+            values = torch.cat([gather_tokens(kv, prev)[..., :c], values[..., c:]], dim=2)
+            logits = torch.cat([prev_logits, logits[..., c:]], dim=2)
+        weights = logits.softmax(dim=2, dtype=torch.float32).to(values.dtype)
+        pooled = self.norm((values * weights).sum(dim=2))
+        return apply_rope(pooled, cos_BTR, sin_BTR)

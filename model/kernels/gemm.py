@@ -1,0 +1,126 @@
+"""Triton block-scaled FP8 GEMM: C[M, N] = A[M, K] B[N, K]^T with per-128-K-step scales.
+
+Both operands are K-major (the layout FP8 tensor-core instructions want). A has one fp32 scale per 1x128
+group along K; B has one per 128x128 block (forward, input gradient) or one per 1x128 group along K
+(weight gradient, where both operands are quantised along the token axis). Every 128-wide K step is
+multiplied in FP8 and promoted to an fp32 accumulator with its scales (the DeepSeek recipe).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from model.errors import MoeforgeError
+
+from .runtime import GROUP, check_kernel_inputs, cdiv
+
+
+@triton.jit
+def scaled_step(acc, a, b, sa, sb, SB_SCALAR: tl.constexpr):
+    """acc + (a @ b^T) * scales; sb is a scalar (one 128x128 block) or a vector over N."""
+    p = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+    if SB_SCALAR:
+        return acc + p * (sa * sb)[:, None]
+    return acc + p * (sa[:, None] * sb[None, :])
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                     s_am, s_bn, s_cm, s_sam, s_sbn,
+                     B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = (pid_m * BM + tl.arange(0, BM)) % M
+    rn = (pid_n * BN + tl.arange(0, BN)) % N
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
+    sa_ptrs = sa_ptr + rm * s_sam
+    SB_SCALAR: tl.constexpr = B_BLOCK and BN <= 128
+    if SB_SCALAR:
+        sb_ptrs = sb_ptr + ((pid_n * BN) // 128) * s_sbn
+    elif B_BLOCK:
+        sb_ptrs = sb_ptr + (rn // 128) * s_sbn
+    else:
+        sb_ptrs = sb_ptr + rn * s_sbn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    nk = tl.cdiv(K, BK)
+    for kb in range(0, nk, SPLIT):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
+        if SPLIT == 2:  # two FP8 products in flight before either is promoted
+            a1 = tl.load(a_ptrs + BK)
+            b1 = tl.load(b_ptrs + BK)
+            p0 = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+            p1 = tl.dot(a1, tl.trans(b1), out_dtype=tl.float32)
+            sa0 = tl.load(sa_ptrs + kb)
+            sa1 = tl.load(sa_ptrs + kb + 1)
+            sb0 = tl.load(sb_ptrs + kb)
+            sb1 = tl.load(sb_ptrs + kb + 1)
+            if SB_SCALAR:
+                acc = acc + p0 * (sa0 * sb0)[:, None]
+                acc = acc + p1 * (sa1 * sb1)[:, None]
+            else:
+                acc = acc + p0 * (sa0[:, None] * sb0[None, :])
+                acc = acc + p1 * (sa1[:, None] * sb1[None, :])
+        else:
+            acc = scaled_step(acc, a, b, tl.load(sa_ptrs + kb), tl.load(sb_ptrs + kb), SB_SCALAR)
+        a_ptrs += BK * SPLIT
+        b_ptrs += BK * SPLIT
+    cm = pid_m * BM + tl.arange(0, BM)
+    cn = pid_n * BN + tl.arange(0, BN)
+    c_ptrs = c_ptr + cm[:, None].to(tl.int64) * s_cm + cn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
+
+
+# Default launch configuration (H200 measurements in docs/benchmarks.md); interpreter uses small tiles.
+CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4}
+
+
+def _check(a, sa, b, sb, b_block):
+    check_kernel_inputs(a, sa, b, sb)
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise MoeforgeError(f"fp8_gemm wants float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or a.stride(1) != 1 or b.stride(1) != 1:
+        raise MoeforgeError(f"fp8_gemm wants K-major a [M, K] and b [N, K], got {tuple(a.shape)} and "
+                            f"{tuple(b.shape)} with strides {a.stride()} and {b.stride()}")
+    want_sb = (cdiv(n, GROUP), cdiv(k, GROUP)) if b_block else (n, cdiv(k, GROUP))
+    if tuple(sa.shape) != (m, cdiv(k, GROUP)) or tuple(sb.shape) != want_sb:
+        raise MoeforgeError(f"fp8_gemm scale shapes {tuple(sa.shape)}, {tuple(sb.shape)} do not match "
+                            f"a {tuple(a.shape)}, b {tuple(b.shape)} (b_block={b_block})")
+
+
+def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, *,
+             out_dtype: torch.dtype = torch.bfloat16, b_block: bool = True, config: dict | None = None):
+    """a [M, K] e4m3 with sa [M, K/128] times b [N, K] e4m3 with sb [N/128, K/128] (``b_block``) or
+    [N, K/128] -> [M, N] in ``out_dtype``, accumulated in fp32."""
+    _check(a, sa, b, sb, b_block)
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = dict(CONFIG, **(config or {}))
+    even_k = k % GROUP == 0
+    nk = cdiv(k, GROUP)
+    split = cfg["SPLIT"] if even_k and nk % cfg["SPLIT"] == 0 else 1
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    grid = (cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]),)
+    _fp8_gemm_kernel[grid](
+        a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0), sa.stride(0), sb.stride(0),
+        B_BLOCK=b_block, BM=cfg["BM"], BN=cfg["BN"], BK=GROUP, GROUP_M=cfg["GROUP_M"], EVEN_K=even_k,
+        SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return c

@@ -1,0 +1,90 @@
+"""Where documents start in a packed batch: doc-local positions, window masks, compressed-entry layouts.
+
+Every document is compressed on its own from its first token (a tail shorter than the rate is dropped);
+positions restart at each document; nothing a query sees crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Entries:
+    """Compressed entries of one rate, per batch row, padded to the longest row (T entries)."""
+
+    rate: int
+    start_BT: torch.Tensor  # token index of the entry's first token (0 on padding)
+    pos_BT: torch.Tensor  # doc-local position of that token (= w * rate): the entry's RoPE position
+    has_prev_BT: torch.Tensor  # bool: the previous window of the same document exists (w > 0)
+    valid_BT: torch.Tensor  # bool: a real entry, not padding
+    visible_BST: torch.Tensor  # bool: query s may use entry t (same document, entry complete at s)
+
+    @property
+    def count(self) -> int:
+        return self.start_BT.shape[1]
+
+
+@dataclass
+class SeqLayout:
+    """Per-forward description of the batch's documents; built once and shared by all layers."""
+
+    positions_BS: torch.Tensor  # doc-local positions
+    run_BS: torch.Tensor | None  # document index per token (None: one document per row)
+    _entries: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, batch: int, seq: int, device: torch.device, doc_ids_BS: torch.Tensor | None) -> SeqLayout:
+        t = torch.arange(seq, device=device)
+        if doc_ids_BS is None:
+            return cls(t.unsqueeze(0).expand(batch, seq), None)
+        starts = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        starts[:, 1:] = doc_ids_BS[:, 1:] != doc_ids_BS[:, :-1]
+        first = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values
+        return cls(t - first, torch.cumsum(starts.long(), dim=1))
+
+    def same_doc(self, a_BX: torch.Tensor | None, b_BY: torch.Tensor | None) -> torch.Tensor | None:
+        if a_BX is None:
+            return None
+        return a_BX.unsqueeze(-1) == b_BY.unsqueeze(-2)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """[B|1, S, S] bool: key s visible to query t iff same document and 0 <= t - s < window."""
+        seq = self.positions_BS.shape[1]
+        t = torch.arange(seq, device=self.positions_BS.device)
+        delta = t[:, None] - t[None, :]
+        mask = ((delta >= 0) & (delta < window)).unsqueeze(0)
+        if self.run_BS is not None:
+            mask = mask & self.same_doc(self.run_BS, self.run_BS)
+        return mask
+
+    def entries(self, rate: int) -> Entries:
+        if rate not in self._entries:
+            self._entries[rate] = self._build_entries(rate)
+        return self._entries[rate]
+
+    def _build_entries(self, rate: int) -> Entries:
+        batch, seq = self.positions_BS.shape
+        device = self.positions_BS.device
+        t = torch.arange(seq, device=device)
+        if self.run_BS is None:
+            count = seq // rate
+            start = (torch.arange(count, device=device) * rate).unsqueeze(0).expand(batch, count)
+            valid = torch.ones(batch, count, dtype=torch.bool, device=device)
+            pos = start
+        else:
+            is_end = (self.positions_BS + 1) % rate == 0
+            count = int(is_end.sum(dim=1).max().item()) if seq else 0
+            slot = torch.cumsum(is_end.long(), dim=1) - 1
+            b_idx, t_idx = is_end.nonzero(as_tuple=True)
+            start = torch.zeros(batch, count, dtype=torch.long, device=device)
+            valid = torch.zeros(batch, count, dtype=torch.bool, device=device)
+            start[b_idx, slot[b_idx, t_idx]] = t_idx - rate + 1
+            valid[b_idx, slot[b_idx, t_idx]] = True
+            pos = self.positions_BS.gather(1, start)
+        visible = ((start + rate - 1).unsqueeze(1) <= t.view(1, seq, 1)) & valid.unsqueeze(1)
+        if self.run_BS is not None:
+            visible = visible & self.same_doc(self.run_BS, self.run_BS.gather(1, start))
+        return Entries(rate, start, pos, pos >= rate, valid, visible)

@@ -1,0 +1,68 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams mixed around every sublayer."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.norm import rms_norm
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Row softmax + eps, one column normalisation, then (iters-1) x (row, column) normalisations."""
+    m = torch.softmax(logits, dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+class HyperConnection(nn.Module):
+    """Dynamic + static pre/post/residual mixing weights of one sublayer (`fn` [(2+n)n, nd], `base`, `scale`)."""
+
+    def __init__(self, hidden_size: int, n: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.n, self.iters, self.hc_eps, self.norm_eps = n, sinkhorn_iters, hc_eps, norm_eps
+        rows = (2 + n) * n
+        self.fn = nn.Parameter(torch.empty(rows, n * hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(rows, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def forward(self, streams_BSND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N]) in fp32/x dtype."""
+        n = self.n
+        flat = rms_norm(streams_BSND.flatten(2).float(), self.norm_eps)
+        mix = F.linear(flat, self.fn.float())
+        pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
+        pre_b, post_b, res_b = self.base.float().split([n, n, n * n])
+        a_pre, a_post, a_res = self.scale.float().unbind(0)
+        pre = torch.sigmoid(pre_w * a_pre + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * a_post + post_b)
+        res = sinkhorn((res_w * a_res + res_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
+        collapsed = (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+        return collapsed, post, res
+
+
+def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k * y + sum_j R[j,k] X_j (the residual mix is applied transposed, as the official code does)."""
+    dtype = streams_BSND.dtype
+    return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + torch.matmul(
+        res.to(dtype).transpose(-1, -2), streams_BSND
+    )
+
+
+class HyperHead(nn.Module):
+    """Final collapse of the n streams into one with sigmoid weights (no Sinkhorn, no post)."""
+
+    def __init__(self, hidden_size: int, n: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.hc_eps, self.norm_eps = hc_eps, norm_eps
+        self.fn = nn.Parameter(torch.empty(n, n * hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(n, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def forward(self, streams_BSND: torch.Tensor) -> torch.Tensor:
+        flat = rms_norm(streams_BSND.flatten(2).float(), self.norm_eps)
+        mix = F.linear(flat, self.fn.float())
+        pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
+        return (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)

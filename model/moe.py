@@ -1,0 +1,130 @@
+"""DeepSeekMoE: learned (sqrt-softplus, selection-only bias) or hash routing, stacked experts, shared expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import HASH_MOE, ModelConfig
+
+
+def score_fn(logits: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if name == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))."""
+    gate = F.linear(x, w1).clamp(max=limit)
+    up = F.linear(x, w3).clamp(min=-limit, max=limit)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def make_tid2eid(vocab: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
+    """Frozen hash table [V, k]: k distinct, uniformly random experts per token id, fixed by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.rand(min(4096, vocab - i), n_experts, generator=gen).topk(k, dim=-1).indices
+        for i in range(0, vocab, 4096)
+    ]
+    return torch.cat(rows).long()
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided, for the balance loss and the bias update."""
+
+    indices_NK: torch.Tensor
+    scores_NE: torch.Tensor  # unbiased router scores (score_fn of the logits)
+    learned: bool
+
+
+class Gate(nn.Module):
+    """Router: `weight` [E, d]; `bias` [E] fp32 selection bias (learned layers) or `tid2eid` [V, k] (hash)."""
+
+    def __init__(self, config: ModelConfig, is_hash: bool):
+        super().__init__()
+        self.is_hash, self.top_k = is_hash, config.num_experts_per_tok
+        self.score_func, self.route_scale = config.scoring_func, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if is_hash:
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None):
+        """(weights [N, k], indices [N, k], scores [N, E]); weights are renormalised and scaled."""
+        scores = score_fn(F.linear(x_ND.float(), self.weight.float()), self.score_func)
+        if self.is_hash:
+            if ids_N is None:
+                raise ValueError("hash-routed layers need input_ids")
+            indices = self.tid2eid[ids_N].long()
+        else:
+            indices = torch.topk(scores + self.bias.float(), self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked: w1/w3 [E, I, d], w2 [E, d, I]."""
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+    def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Reference loop over the experts that received tokens."""
+        out = torch.zeros_like(x_ND)
+        flat = indices_NK.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        token = order // indices_NK.shape[1]
+        w = weights_NK.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                tok = token[start : start + n]
+                y = swiglu(x_ND[tok], self.w1[e], self.w3[e], self.w2[e], self.limit)
+                out.index_add_(0, tok, (y * w[start : start + n, None]).to(out.dtype))
+            start += n
+        return out
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit)
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k) plus one always-on shared expert; both use the clamped SwiGLU."""
+
+    def __init__(self, config: ModelConfig, mlp_type: str):
+        super().__init__()
+        d, inter, limit = config.hidden_size, config.moe_intermediate_size, config.swiglu_limit
+        self.gate = Gate(config, mlp_type == HASH_MOE)
+        self.experts = Experts(config.n_routed_experts, d, inter, limit)
+        self.shared_experts = SharedExpert(d, inter, limit)
+
+    def forward(self, x_BSD: torch.Tensor, input_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+        flat = x_BSD.reshape(-1, x_BSD.shape[-1])
+        ids = input_ids_BS.reshape(-1) if input_ids_BS is not None else None
+        weights, indices, scores = self.gate(flat, ids)
+        routed = self.experts(flat, indices, weights.to(flat.dtype)).view_as(x_BSD)
+        return routed + self.shared_experts(x_BSD), Routing(indices, scores, not self.gate.is_hash)

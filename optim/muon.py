@@ -1,0 +1,149 @@
+"""Muon as in DeepSeek-V4: Nesterov momentum, hybrid Newton-Schulz per logical matrix, RMS-matched update.
+
+Per parameter W (a matrix, or a stack [..., rows, cols] such as experts [E, out, in]) with gradient G:
+
+    M <- mu M + G;  U = mu M + G (Nesterov) or M
+    O = NS(U_block) * sqrt(max(rows_block, cols)) * update_rms      for each row block of each matrix
+    W <- W (1 - lr wd) - lr O
+
+A param group may carry `row_splits` (row counts of the logical blocks along dim -2, e.g. (4, 4, 16) for
+an mHC `fn`); each block is orthogonalised on its own. Every leading index (expert) is independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.errors import MoeforgeError
+from optim.newton_schulz import hybrid_schedule, newton_schulz
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # torch built without distributed support
+    DTensor, Replicate = None, None
+
+
+def resolve_ns_dtype(ns_dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` -> bf16 on GPU, fp32 on CPU; also accepts `bf16`, `fp32` or a torch dtype."""
+    if isinstance(ns_dtype, torch.dtype):
+        return ns_dtype
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if ns_dtype not in table:
+        raise MoeforgeError(f"optim.ns_dtype: expected auto, bf16 or fp32, got {ns_dtype!r}")
+    return table[ns_dtype]
+
+
+def check_whole_matrix(p: torch.Tensor, name: str) -> None:
+    """Muon needs every matrix whole: refuse shards (DTensor with any non-Replicate placement) and vectors."""
+    if DTensor is not None and isinstance(p, DTensor):
+        partial = [pl for pl in p.placements if not isinstance(pl, Replicate)]
+        if partial:
+            raise MoeforgeError(
+                f"Muon got parameter {name!r} as a DTensor with placements {p.placements}: it sees only a "
+                "shard, and orthogonalising a shard is wrong. Use optim=adamw or a replicated layout; "
+                "distributed Muon is not implemented yet."
+            )
+    if p.ndim < 2:
+        raise MoeforgeError(f"Muon needs a matrix, but parameter {name!r} has shape {tuple(p.shape)}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def orthogonalized_update(
+    u: torch.Tensor,
+    row_splits: tuple[int, ...] | None,
+    update_rms: float,
+    coeffs: tuple[tuple[float, float, float], ...],
+    ns_dtype: torch.dtype,
+) -> torch.Tensor:
+    """NS(u) per row block and per leading index, each block scaled by sqrt(max(its rows, cols)) * rms.
+
+    Equal-sized blocks are orthogonalised in one batched call; unequal ones one after another.
+    """
+    rows, cols = u.shape[-2], u.shape[-1]
+    splits = tuple(row_splits) if row_splits else (rows,)
+    if sum(splits) != rows:
+        raise MoeforgeError(f"Muon row_splits {splits} do not add up to the rows of shape {tuple(u.shape)}")
+    if len(set(splits)) == 1:
+        r = splits[0]
+        blocks = u.reshape(*u.shape[:-2], len(splits), r, cols)
+        out = newton_schulz(blocks, coeffs, ns_dtype) * (math.sqrt(max(r, cols)) * update_rms)
+        return out.reshape(u.shape)
+    parts = [
+        newton_schulz(block, coeffs, ns_dtype) * (math.sqrt(max(block.shape[-2], cols)) * update_rms)
+        for block in u.split(splits, dim=-2)
+    ]
+    return torch.cat(parts, dim=-2)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for whole matrices and stacks of matrices; see the module docstring for the update.
+
+    Group options: lr, weight_decay, momentum, nesterov, update_rms, row_splits, ns_dtype. `ns_coeffs` is
+    the list of (a, b, c) per Newton-Schulz step (default: V4's 8 + 2 hybrid schedule).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 2.7e-4,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        update_rms: float = 0.18,
+        ns_coeffs: tuple[tuple[float, float, float], ...] | None = None,
+        ns_dtype: str = "auto",
+        row_splits: tuple[int, ...] | None = None,
+    ):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or update_rms <= 0:
+            raise MoeforgeError(
+                f"Muon: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1, update_rms > 0; got lr={lr}, "
+                f"weight_decay={weight_decay}, momentum={momentum}, update_rms={update_rms}"
+            )
+        coeffs = tuple(tuple(float(v) for v in c) for c in (ns_coeffs or hybrid_schedule()))
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            update_rms=update_rms,
+            ns_coeffs=coeffs,
+            ns_dtype=ns_dtype,
+            row_splits=row_splits,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            names = group.get("names") or [f"<param {i}>" for i in range(len(group["params"]))]
+            for p, name in zip(group["params"], names):
+                check_whole_matrix(p, name)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = _local(p), _local(p.grad)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(g)
+                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                dtype = resolve_ns_dtype(group["ns_dtype"], w.device)
+                o = orthogonalized_update(
+                    u, group["row_splits"], group["update_rms"], group["ns_coeffs"], dtype
+                )
+                w.mul_(1 - lr * wd).add_(o.to(w.dtype), alpha=-lr)
+        return loss

@@ -1,0 +1,118 @@
+"""Where step metrics go: metrics.jsonl in the run directory, wandb, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+SHOWN = ("loss", "val_loss", "lr", "tokens_per_s", "mfu")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a metrics file (an absent file has none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _clean(value):
+    """JSON-safe scalar: NaN/inf become null, tensors and numpy scalars become Python numbers."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlWriter:
+    """One JSON object per step. Resuming from step K drops records after K (written before a crash)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _wandb_mode(project: str | None, mode: str | None) -> str:
+    if mode is not None:
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if project else "offline")
+
+
+class WandbSink:
+    """A wandb run in the run directory; offline unless a project is set (WANDB_MODE is respected)."""
+
+    def __init__(self, run_dir: Path, project: str | None, entity: str | None, mode: str | None,
+                 config: dict, resume: bool):
+        self.mode = _wandb_mode(project, mode)
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = Path(run_dir) / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=project or "moeforge", entity=entity, mode=self.mode, dir=str(run_dir),
+                              config=config, id=run_id, resume="allow", name=Path(run_dir).name)
+
+    def log(self, step: int, record: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class MetricsLogger:
+    """Fans each step's record out to metrics.jsonl (every step), wandb (every `every`) and the console."""
+
+    def __init__(self, run_dir: Path, logger_cfg, *, total_steps: int, start_step: int, config: dict,
+                 console_every: int = 10):
+        resume = start_step > 0
+        self.jsonl = JsonlWriter(Path(run_dir) / METRICS_FILE, resume_step=start_step if resume else None)
+        self.wandb = WandbSink(run_dir, logger_cfg.wandb.project, logger_cfg.wandb.entity,
+                               logger_cfg.wandb.mode, config, resume)
+        self.every = logger_cfg.every
+        self.console_every = console_every
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not logger_cfg.progress,
+                        dynamic_ncols=True, desc="train")
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        self.jsonl.write(record)
+        if step % self.every == 0 or "val_loss" in record:
+            self.wandb.log(step, record)
+        self.bar.update(1)
+        shown = {k: record[k] for k in SHOWN if record.get(k) is not None}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if step % self.console_every == 0 or "val_loss" in record:
+            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.jsonl.close()
+        self.wandb.close()
