@@ -38,8 +38,8 @@ def packed_split(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, sour
         rows = pack(encode_documents(tok, source.documents(split)), seq_len)
         first = next(rows, None)
         if first is None:
-            raise MoeforgeError(f"data: split {split!r} of data.source={cfg.source} (data.path={cfg.path!r}) has "
-                                "no documents; check data.path, data.text_field and data.val_fraction")
+            raise MoeforgeError(f"data: split {split!r} of data.source={cfg.source} (data.path={cfg.path!r}) "
+                                "has no documents; check data.path, data.text_field and data.val_fraction")
         log.info("packing %s split %s into %s", cfg.source, split, path)
         write_packed(itertools.chain([first], rows), path, seq_len, tok.get_vocab_size(),
                      meta={"source": cfg.source, "path": cfg.path, "split": split})
@@ -53,13 +53,14 @@ class PretrainData:
     val: Loader | None
 
 
-def build_pretrain_data(cfg: DataConfig | Any, *, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0,
-                        rank: int = 0, world: int = 1) -> PretrainData:
+def build_pretrain_data(cfg: DataConfig | Any, *, vocab_size: int, seq_len: int, batch_size: int,
+                        seed: int = 0, rank: int = 0, world: int = 1) -> PretrainData:
     """Tokenizer plus train (shuffled) and val (ordered; None when data.val_fraction is 0) loaders."""
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
     source = make_source(cfg)
     tok = build_tokenizer(cfg, vocab_size, source)
-    train = Loader(packed_split(cfg, tok, "train", seq_len, source), batch_size, seed=seed, rank=rank, world=world)
+    train = Loader(packed_split(cfg, tok, "train", seq_len, source), batch_size, seed=seed, rank=rank,
+                   world=world)
     has_val = cfg.val_fraction > 0 or (cfg.source == "hf" and cfg.val_split)
     val = None
     if has_val:

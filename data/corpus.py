@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -32,18 +33,18 @@ def stdlib_files(root: Path | None = None) -> list[str]:
     """Relative paths (posix) of the corpus files, sorted."""
     root = root or stdlib_root()
     out = []
-    for p in root.rglob("*.py"):
-        parts = p.relative_to(root).parts
-        if EXCLUDED_DIRS.intersection(parts[:-1]) or parts[-1].startswith("test_"):
-            continue
-        out.append(p.relative_to(root).as_posix())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]  # prune: never walk site-packages
+        rel = Path(dirpath).relative_to(root)
+        out += [(rel / f).as_posix() for f in filenames if f.endswith(".py") and not f.startswith("test_")]
     return sorted(out)
 
 
 class BuiltinCorpus:
     """Standard-library source files as documents `(relative_path, text)`."""
 
-    def __init__(self, val_fraction: float = 0.05, max_documents: int | None = None, root: Path | None = None):
+    def __init__(self, val_fraction: float = 0.05, max_documents: int | None = None,
+                 root: Path | None = None):
         self.root = Path(root) if root else stdlib_root()
         self.val_fraction = val_fraction
         self.max_documents = max_documents

@@ -92,7 +92,7 @@ class Loader:
         """Resume at a saved global position (any world size or per-rank batch size)."""
         if int(state.get("num_samples", self.num_samples)) != self.num_samples:
             raise MoeforgeError(f"data: the checkpoint's data has {state['num_samples']} samples, this data "
-                                f"{self.num_samples}; resume with the same data config (data.*, trainer.seq_len)")
+                                f"{self.num_samples}; resume with the same data.* and trainer.seq_len")
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))
         self.shuffle = bool(state.get("shuffle", self.shuffle))

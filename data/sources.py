@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from data.corpus import BuiltinCorpus
 from data.split import check_split, split_of
 from model.errors import MoeforgeError
 
+Convert = Callable[[Any, str, str], Any]  # (value, column, where) -> value or None to skip
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
             ".md": "text"}
 
@@ -61,24 +62,44 @@ def load_file(file: Path, cache_dir: Path | None = None, streaming: bool = False
         raise MoeforgeError(f"data.path: cannot read {file}: {type(err).__name__}: {err}") from err
 
 
-def column_values(rows: Iterable[dict], field: str, where: str, columns: list[str] | None) -> Iterator[Any]:
-    """Yield `row[field]`, raising a clear error when the column is missing."""
-    if columns is not None and field not in columns:
-        raise MoeforgeError(f"data.text_field: column {field!r} not in {where} (columns: {columns})")
-    for i, row in enumerate(rows):
+def checked_rows(rows: Iterable[dict], where: str) -> Iterator[dict]:
+    """Iterate rows, turning read errors (invalid UTF-8, parse errors while streaming) into clear errors."""
+    it = iter(rows)
+    i = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise MoeforgeError(f"data.path: cannot read {where} (row {i}): {type(err).__name__}: "
+                                f"{err}") from err
+        yield row
+        i += 1
+
+
+def column_values(rows: Iterable[dict], field: str | None, where: str, columns: list[str] | None,
+                  key: str = "data.text_field") -> Iterator[Any]:
+    """Yield `row[field]` (the whole row when `field` is None), raising a clear error (naming config `key`)
+    when the column is missing."""
+    if field is not None and columns is not None and field not in columns:
+        raise MoeforgeError(f"{key}: column {field!r} not in {where} (columns: {columns})")
+    for i, row in enumerate(checked_rows(rows, where)):
+        if field is None:
+            yield row
+            continue
         if field not in row:
-            raise MoeforgeError(f"data.text_field: column {field!r} missing in {where} row {i} "
+            raise MoeforgeError(f"{key}: column {field!r} missing in {where} row {i} "
                                 f"(columns: {sorted(row)})")
         yield row[field]
 
 
-def text_rows(rows: Iterable[dict], field: str, where: str, columns: list[str] | None) -> Iterator[str | None]:
-    """Yield each row's text (None for an empty value), raising on a non-string value."""
-    for i, value in enumerate(column_values(rows, field, where, columns)):
-        if value is not None and not isinstance(value, str):
-            raise MoeforgeError(f"data.text_field: column {field!r} of {where} row {i} holds "
-                                f"{type(value).__name__}, not text")
-        yield value if value and value.strip() else None
+def as_text(value: Any, field: str, where: str) -> str | None:
+    """A row's text (None for an empty value); a value that is not a string is an error."""
+    if value is not None and not isinstance(value, str):
+        raise MoeforgeError(f"data.text_field: column {field!r} of {where} holds {type(value).__name__}, "
+                            "not text")
+    return value if value and value.strip() else None
 
 
 class FileSource:
@@ -98,22 +119,30 @@ class FileSource:
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
-    def documents(self, split: str) -> Iterator[tuple[str, str]]:
-        """Yield `(file:row, text)` for the rows of `split`."""
+    def values(self, split: str, field: str, convert: Convert, key: str = "data.text_field"
+               ) -> Iterator[tuple[str, Any]]:
+        """Yield `(file:row, convert(row[field]))` for the rows of `split`; None conversions are skipped."""
         check_split(split)
         n = 0
         for f in self.files:
             ds = load_file(f, self.cache_dir, self.cfg.streaming)
             columns = list(ds.column_names) if ds.column_names is not None else None
-            field = "text" if BUILDERS[f.suffix] == "text" else self.cfg.text_field
-            for i, text in enumerate(text_rows(ds, field, str(f), columns)):
-                key = f"{f.name}:{i}"
-                if text is None or split_of(key, self.cfg.val_fraction) != split:
+            col = "text" if BUILDERS[f.suffix] == "text" else field
+            for i, raw in enumerate(column_values(ds, col, str(f), columns, key)):
+                row_key = f"{f.name}:{i}"
+                if split_of(row_key, self.cfg.val_fraction) != split:
+                    continue
+                value = convert(raw, col, f"{f} row {i}")
+                if value is None:
                     continue
                 if self.cfg.max_documents is not None and n >= self.cfg.max_documents:
                     return
                 n += 1
-                yield key, text
+                yield row_key, value
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        """Yield `(file:row, text)` for the non-empty rows of `split`."""
+        return self.values(split, self.cfg.text_field, as_text)
 
 
 class HubSource:
@@ -125,8 +154,9 @@ class HubSource:
     def fingerprint(self) -> str:
         """Identifies the dataset by its name, config, splits and reading options."""
         c = self.cfg
-        key = f"hf|{c.path}|{c.name}|{c.split}|{c.val_split}|{c.text_field}|{c.val_fraction}|{c.max_documents}"
-        return hashlib.sha256((key + repr(sorted(c.extra.items()))).encode()).hexdigest()[:16]
+        parts = ("hf", c.path, c.name, c.split, c.val_split, c.text_field, c.val_fraction, c.max_documents,
+                 sorted(c.extra.items()))
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def load(self, split_name: str):
         """The raw `datasets` split."""
@@ -140,22 +170,31 @@ class HubSource:
             raise MoeforgeError(f"data.path: cannot load dataset {c.path!r} (name={c.name!r}, "
                                 f"split={split_name!r}): {type(err).__name__}: {err}") from err
 
-    def documents(self, split: str) -> Iterator[tuple[str, str]]:
-        """Yield `(row, text)`; with `data.val_split` 'val' is that split, else a hash hold-out."""
+    def values(self, split: str, field: str, convert: Convert, key: str = "data.text_field"
+               ) -> Iterator[tuple[str, Any]]:
+        """Yield `(row, convert(row[field]))`; 'val' is `data.val_split` if set, else a hash hold-out."""
         check_split(split)
         c = self.cfg
         explicit = c.val_split is not None
         name = c.val_split if (explicit and split == "val") else c.split
         ds = self.load(name)
         columns = list(ds.column_names) if ds.column_names is not None else None
+        where = f"dataset {c.path!r} split {name!r}"
         n = 0
-        for i, text in enumerate(text_rows(ds, c.text_field, f"dataset {c.path!r} split {name!r}", columns)):
-            if text is None or (not explicit and split_of(str(i), c.val_fraction) != split):
+        for i, raw in enumerate(column_values(ds, field, where, columns, key)):
+            if not explicit and split_of(str(i), c.val_fraction) != split:
+                continue
+            value = convert(raw, field, f"{where} row {i}")
+            if value is None:
                 continue
             if c.max_documents is not None and n >= c.max_documents:
                 return
             n += 1
-            yield str(i), text
+            yield str(i), value
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        """Yield `(row, text)` for the non-empty rows of `split`."""
+        return self.values(split, self.cfg.text_field, as_text)
 
 
 def make_source(cfg: DataConfig):

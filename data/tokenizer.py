@@ -48,8 +48,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() != vocab_size:
-        raise MoeforgeError(f"data.max_bytes: the tokenizer sample only yields {tok.get_vocab_size()} tokens, "
-                            f"fewer than vocab_size {vocab_size}; raise data.max_bytes or use more data")
+        raise MoeforgeError(f"data.max_bytes: the tokenizer sample yields only {tok.get_vocab_size()} "
+                            f"tokens, fewer than vocab_size {vocab_size}; raise data.max_bytes or add data")
     check_tokenizer(tok, "trained tokenizer")
     tok.encode_special_tokens = True
     return tok
@@ -104,8 +104,8 @@ def build_tokenizer(cfg: DataConfig, vocab_size: int, source=None) -> Tokenizer:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
         if tok.get_vocab_size() > vocab_size:
-            raise MoeforgeError(f"data.tokenizer: {cfg.tokenizer} has {tok.get_vocab_size()} tokens, more than "
-                                f"model.vocab_size {vocab_size}")
+            raise MoeforgeError(f"data.tokenizer: {cfg.tokenizer} has {tok.get_vocab_size()} tokens, more "
+                                f"than model.vocab_size {vocab_size}")
         return tok
     if source is None:
         from data.sources import make_source

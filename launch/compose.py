@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import configs
-from launch.stages import StageSpec
+from launch.stages import StageSpec, load_stage
 from model.errors import ConfigError
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -33,6 +33,8 @@ def compose_stage(spec: StageSpec, overrides: list[str]) -> tuple[DictConfig, Pa
     Unknown keys, missing group options and values whose type differs from the default are ConfigErrors.
     """
     parsed = parse(overrides)
+    if spec.config_name != "config":
+        load_stage(spec)  # registers the stage's structured config
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=spec.name):
         full = _compose(spec.config_name, overrides)
         top_level = [o.input_line for o in parsed if "." not in o.key_or_group and "/" not in o.key_or_group]
@@ -106,3 +108,13 @@ def _translate(e: Exception) -> ConfigError:
     key = getattr(cause, "full_key", None) or getattr(e, "full_key", None)
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     return ConfigError(key or "overrides", first)
+
+
+def sweep_dir(spec: StageSpec, overrides: list[str]) -> Path:
+    """``hydra.sweep.dir`` for these overrides: the parent of a multirun's per-point run directories."""
+    if spec.config_name != "config":
+        load_stage(spec)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=spec.name):
+        full = _compose(spec.config_name, overrides)
+        HydraConfig.instance().set_config(full)
+        return Path(str(full.hydra.sweep.dir))

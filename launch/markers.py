@@ -45,15 +45,15 @@ def read_marker(step_dir: Path) -> dict | None:
         return None
 
 
-def stale_reason(step_dir: Path, overrides: list[str], input_checksum: str | None) -> str | None:
+def stale_reason(step_dir: Path, overrides: list[str], inputs: dict[str, str | None]) -> str | None:
     """None when the step's marker says it finished with these overrides and input; else why not."""
     marker = read_marker(step_dir)
     if marker is None:
         return "not finished"
     if marker.get("overrides") != list(overrides):
         return "its overrides changed"
-    if marker.get("input_checksum") != input_checksum:
-        return "its input checkpoint changed"
+    if marker.get("inputs") != inputs:
+        return "an input checkpoint changed"
     if checksum(marker.get("checkpoint")) != marker.get("checksum"):
         return f"its output {marker.get('checkpoint')} is missing or changed"
     return None

@@ -21,6 +21,7 @@ class Step:
     input: str | None = None  # a step name (its output checkpoint) or a checkpoint path
     after: list[str] = field(default_factory=list)  # more steps that must finish first
     run_dir: str = ""
+    launcher: dict = field(default_factory=dict)  # this step's LauncherConfig fields
 
     def needs(self, names: set[str]) -> list[str]:
         """The steps this one waits for: its input step, ``after`` and every ``{ckpt:<step>}``."""
@@ -35,7 +36,8 @@ class Plan:
     name: str
     run_dir: str
     steps: list[Step]
-    launcher: str = "local"
+    launcher: str = "local"  # local | torchrun | slurm
+    max_parallel: int = 1  # local: independent steps run at once
     skip_done: bool = True  # pipelines skip finished steps; a single stage always runs
 
     def step(self, name: str) -> Step:
@@ -67,7 +69,7 @@ def order_steps(steps: list[Step], where: str) -> list[Step]:
     """Steps in an order where every step follows the steps it needs; errors name the bad field."""
     names = [s.name for s in steps]
     for i, s in enumerate(steps):
-        if names.count(s.name) > 1:
+        if s.name in names[:i]:
             raise ConfigError(f"{where}.steps[{i}].name", f"step name {s.name!r} is used twice")
     known = set(names)
     for i, s in enumerate(steps):

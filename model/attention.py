@@ -1,4 +1,4 @@
-"""V4 attention: low-rank queries, one shared K=V head, sliding window + compressed entries (CSA/HCA), sink."""
+"""V4 attention: low-rank queries, one shared K=V head, window + compressed entries (CSA/HCA), sink."""
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def attention_core(
 
 
 class Attention(nn.Module):
-    """One attention layer of type sliding_attention, compressed_sparse_attention or heavily_compressed_attention."""
+    """One attention layer: sliding-only, CSA (compressed + indexer top-k) or HCA (all causal entries)."""
 
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
@@ -63,7 +63,7 @@ class Attention(nn.Module):
             else None
         )
         self.indexer = (
-            Indexer(d, config.q_lora_rank, config.index_n_heads, config.index_head_dim, self.rate, config.rms_norm_eps)
+            Indexer(d, config.q_lora_rank, config.index_n_heads, config.index_head_dim, self.rate, self.eps)
             if layer_type == CSA
             else None
         )

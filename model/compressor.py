@@ -31,7 +31,7 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps)
 
     def forward(self, x_BSD: torch.Tensor, entries: Entries, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor):
-        """Compressed entries [B, T, head_dim] for the layout's windows (padding rows are junk, masked later)."""
+        """Compressed entries [B, T, head_dim] for the layout's windows (padding rows: junk, masked later)."""
         kv, gate = self.wkv(x_BSD), self.wgate(x_BSD)
         idx = entries.start_BT.unsqueeze(-1) + torch.arange(self.rate, device=x_BSD.device)  # [B, T, m]
         values = gather_tokens(kv, idx)

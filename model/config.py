@@ -161,22 +161,22 @@ class ModelConfig:
                 f"gives {rd} rope dims; they must be even, positive and at most head_dim={self.head_dim}",
             )
         if CSA in self.layer_types and rd > self.index_head_dim:
-            raise ConfigError("model.index_head_dim", f"({self.index_head_dim}) is smaller than the rope dims {rd}")
+            raise ConfigError("model.index_head_dim", f"({self.index_head_dim}) < rope dims {rd}")
         if self.compress_rates.get(CSA) != 4:
             raise ConfigError(
                 "model.compress_rates.compressed_sparse_attention",
-                f"must be 4 (overlapping CSA compression is defined for m=4), got {self.compress_rates.get(CSA)}",
+                f"must be 4 (CSA overlap is defined for m=4), got {self.compress_rates.get(CSA)}",
             )
         hca = self.compress_rates.get(HCA)
         if not isinstance(hca, int) or hca < 1:
-            raise ConfigError("model.compress_rates.heavily_compressed_attention", f"must be >= 1, got {hca!r}")
+            raise ConfigError(f"model.compress_rates.{HCA}", f"must be >= 1, got {hca!r}")
         extra = set(self.compress_rates) - set(LAYER_TYPES[1:])
         if extra:
             raise ConfigError("model.compress_rates", f"unknown layer types {sorted(extra)}")
         if self.num_attention_heads % self.o_groups:
             raise ConfigError(
                 "model.o_groups",
-                f"num_attention_heads={self.num_attention_heads} is not divisible by o_groups={self.o_groups}",
+                f"num_attention_heads={self.num_attention_heads} not divisible by o_groups={self.o_groups}",
             )
         if self.num_key_value_heads != 1:
             raise ConfigError("model.num_key_value_heads", "V4 uses one shared K=V head; must be 1")
@@ -207,7 +207,7 @@ class ModelConfig:
         for label in ("main", "compress"):
             sub = self.rope_parameters[label]
             if sub["rope_type"] not in ("default", "yarn"):
-                raise ConfigError(f"model.rope_parameters.{label}", f"rope_type {sub['rope_type']!r} unsupported")
+                raise ConfigError(f"model.rope_parameters.{label}", f"bad rope_type {sub['rope_type']!r}")
             if sub["rope_type"] == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in sub:

@@ -32,7 +32,8 @@ class ForwardContext:
 
     def token_rope(self, label: str) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, S, rope/2] at the tokens' doc-local positions."""
-        return self._cached(("tok", label), lambda: cos_sin(self.freqs(label), self.layout.positions_BS, self.dtype))
+        positions = self.layout.positions_BS
+        return self._cached(("tok", label), lambda: cos_sin(self.freqs(label), positions, self.dtype))
 
     def entries(self, rate: int) -> Entries:
         return self.layout.entries(rate)

@@ -18,7 +18,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    """Dynamic + static pre/post/residual mixing weights of one sublayer (`fn` [(2+n)n, nd], `base`, `scale`)."""
+    """Dynamic + static pre/post/residual mixing of one sublayer: `fn` [(2+n)n, nd], `base`, `scale` [3]."""
 
     def __init__(self, hidden_size: int, n: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -29,7 +29,7 @@ class HyperConnection(nn.Module):
         self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
 
     def forward(self, streams_BSND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N]) in fp32/x dtype."""
+        """(collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N])."""
         n = self.n
         flat = rms_norm(streams_BSND.flatten(2).float(), self.norm_eps)
         mix = F.linear(flat, self.fn.float())
@@ -43,8 +43,8 @@ class HyperConnection(nn.Module):
         return collapsed, post, res
 
 
-def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-    """X'_k = post_k * y + sum_j R[j,k] X_j (the residual mix is applied transposed, as the official code does)."""
+def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor):
+    """X'_k = post_k * y + sum_j R[j,k] X_j (residual mix applied transposed, as in the official code)."""
     dtype = streams_BSND.dtype
     return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + torch.matmul(
         res.to(dtype).transpose(-1, -2), streams_BSND

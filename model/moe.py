@@ -1,4 +1,4 @@
-"""DeepSeekMoE: learned (sqrt-softplus, selection-only bias) or hash routing, stacked experts, shared expert."""
+"""DeepSeekMoE: learned (sqrt-softplus, selection-only bias) or hash routing, stacked + shared experts."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def score_fn(logits: torch.Tensor, name: str) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float):
     """w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))."""
     gate = F.linear(x, w1).clamp(max=limit)
     up = F.linear(x, w3).clamp(min=-limit, max=limit)

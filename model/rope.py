@@ -32,7 +32,7 @@ def inv_freq(params: dict, rope_dim: int) -> torch.Tensor:
     return interpolation * (1 - keep) + extrapolation * keep
 
 
-def cos_sin(freqs: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(freqs: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos/sin tables [*positions.shape, rope_dim/2] for integer positions."""
     angles = positions[..., None].float() * freqs.to(device=positions.device, dtype=torch.float32)
     return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -72,6 +72,6 @@ def build_optimizer(
     opt = CombinedOptimizer({"muon": muon, "adamw": adamw})
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    table = format_table(assignments)
+    table = format_table(assignments, rules)
     log.info("optimizer parameter split:\n%s", table)
     return opt, table

@@ -17,6 +17,7 @@ import math
 import torch
 
 from model.errors import MoeforgeError
+from optim.batched import check_splits, orthogonalize_many
 from optim.newton_schulz import hybrid_schedule, newton_schulz
 
 try:
@@ -62,31 +63,28 @@ def orthogonalized_update(
     coeffs: tuple[tuple[float, float, float], ...],
     ns_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """NS(u) per row block and per leading index, each block scaled by sqrt(max(its rows, cols)) * rms.
-
-    Equal-sized blocks are orthogonalised in one batched call; unequal ones one after another.
-    """
-    rows, cols = u.shape[-2], u.shape[-1]
-    splits = tuple(row_splits) if row_splits else (rows,)
-    if sum(splits) != rows:
-        raise MoeforgeError(f"Muon row_splits {splits} do not add up to the rows of shape {tuple(u.shape)}")
-    if len(set(splits)) == 1:
-        r = splits[0]
-        blocks = u.reshape(*u.shape[:-2], len(splits), r, cols)
-        out = newton_schulz(blocks, coeffs, ns_dtype) * (math.sqrt(max(r, cols)) * update_rms)
-        return out.reshape(u.shape)
-    parts = [
-        newton_schulz(block, coeffs, ns_dtype) * (math.sqrt(max(block.shape[-2], cols)) * update_rms)
-        for block in u.split(splits, dim=-2)
-    ]
-    return torch.cat(parts, dim=-2)
+    """Reference: NS of every row block of every matrix in u, one 2-D matrix at a time, each scaled by
+    sqrt(max(block rows, cols)) * update_rms. `optim.batched.orthogonalize_many` is the fast twin."""
+    splits = check_splits(u.shape, row_splits)
+    cols = u.shape[-1]
+    mats = u.reshape(-1, u.shape[-2], cols)
+    out = torch.empty_like(mats)
+    for i, mat in enumerate(mats):
+        start = 0
+        for r in splits:
+            scale = math.sqrt(max(r, cols)) * update_rms
+            out[i, start : start + r] = newton_schulz(mat[start : start + r], coeffs, ns_dtype) * scale
+            start += r
+    return out.reshape(u.shape)
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for whole matrices and stacks of matrices; see the module docstring for the update.
 
     Group options: lr, weight_decay, momentum, nesterov, update_rms, row_splits, ns_dtype. `ns_coeffs` is
-    the list of (a, b, c) per Newton-Schulz step (default: V4's 8 + 2 hybrid schedule).
+    the list of (a, b, c) per Newton-Schulz step (default: V4's 8 + 2 hybrid schedule). With
+    `batched=True` all same-shape blocks of all parameters go through Newton-Schulz as one batch
+    (`orthogonalize_many`); `batched=False` uses the per-matrix reference loop.
     """
 
     def __init__(
@@ -100,6 +98,7 @@ class Muon(torch.optim.Optimizer):
         ns_coeffs: tuple[tuple[float, float, float], ...] | None = None,
         ns_dtype: str = "auto",
         row_splits: tuple[int, ...] | None = None,
+        batched: bool = True,
     ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or update_rms <= 0:
             raise MoeforgeError(
@@ -118,6 +117,7 @@ class Muon(torch.optim.Optimizer):
             row_splits=row_splits,
         )
         super().__init__(params, defaults)
+        self.batched = batched
         for group in self.param_groups:
             names = group.get("names") or [f"<param {i}>" for i in range(len(group["params"]))]
             for p, name in zip(group["params"], names):
@@ -129,8 +129,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        jobs = []  # (weight, u, group)
         for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            mu = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -140,10 +141,13 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(g)
-                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                dtype = resolve_ns_dtype(group["ns_dtype"], w.device)
-                o = orthogonalized_update(
-                    u, group["row_splits"], group["update_rms"], group["ns_coeffs"], dtype
-                )
-                w.mul_(1 - lr * wd).add_(o.to(w.dtype), alpha=-lr)
+                jobs.append((w, g.add(buf, alpha=mu) if group["nesterov"] else buf, group))
+        specs = [
+            (u, g["row_splits"], g["update_rms"], g["ns_coeffs"], resolve_ns_dtype(g["ns_dtype"], w.device))
+            for w, u, g in jobs
+        ]
+        updates = orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
+        for (w, _, group), o in zip(jobs, updates):
+            lr = group["lr"]
+            w.mul_(1 - lr * group["weight_decay"]).add_(o.to(w.dtype), alpha=-lr)
         return loss

@@ -121,9 +121,9 @@ def assign_parameters(model: nn.Module, rules: tuple[Rule, ...] | list[Rule]) ->
     return out
 
 
-def format_table(assignments: list[Assignment]) -> str:
-    """One row per rule that claimed something: pattern, optimizer, split, count, numel."""
-    rows: dict[Rule, list[int]] = {}
+def format_table(assignments: list[Assignment], rules: tuple[Rule, ...] | list[Rule] = ()) -> str:
+    """One row per rule that claimed something (in `rules` order): pattern, optimizer, split, count, numel."""
+    rows: dict[Rule, list[int]] = {r: [0, 0] for r in rules if any(a.rule == r for a in assignments)}
     for a in assignments:
         acc = rows.setdefault(a.rule, [0, 0])
         acc[0] += 1

@@ -11,27 +11,30 @@ script) that sets everything up *before* the candidate code runs:
 2. It forks; the child (PID 1 of the new namespace) sets rlimits (CPU seconds, address space, file size,
    processes, open files, no core files), and, when running as root, drops to a per-run unprivileged uid
    (RLIMIT_NPROC is not enforced for root, so this is what makes the process limit real), then asks for
-   SIGKILL when the launcher dies.
+   SIGKILL when the launcher dies. It then forks the candidate's process and stays as a reaper (PID 1
+   ignores signals such as SIGXCPU). If the interpreter lives below a directory other users cannot enter
+   (e.g. /root/.pyenv), the mount namespace covers that directory with a tmpfs holding only the
+   interpreter; without a mount namespace the child stays root and forking is refused by the audit hook.
 3. Where a namespace could not be made, an audit hook stands in (network: socket creation/connect/bind
    refused; filesystem: writes outside the work directory, process spawning and ctypes refused). Audit
    hooks are a best-effort guard, not a security boundary; ``SandboxResult.isolation`` says which was used.
 
-The trainer enforces a wall-clock timeout by killing the whole process group (and so the PID namespace).
+The trainer enforces a wall-clock timeout by killing the whole process group (and so the PID namespace),
+then kills anything still running under the run's private uid.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+
+# shutil, subprocess, tempfile and concurrent.futures are imported inside the trainer-side functions, so
+# that the launcher (this file run as a script) does not preload _posixsubprocess for the candidate.
 
 _TAIL = 4000
 _UID_BASE, _UID_SPAN = 61000, 4000
@@ -79,6 +82,9 @@ def run_python(
 
     ``force_fallback`` skips the namespaces and uses only the audit-hook guards (for tests of that path).
     """
+    import shutil
+    import tempfile
+
     limits = limits or SandboxLimits()
     limits.validate()
     workdir = tempfile.mkdtemp(prefix="moeforge-sbx-")
@@ -92,6 +98,8 @@ def run_many(
     codes: list[str], limits: SandboxLimits | None = None, *, max_workers: int = 4
 ) -> list[SandboxResult]:
     """Run several candidates concurrently (a small thread pool, one sandboxed process each), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if not codes:
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(codes)))) as pool:
@@ -105,6 +113,9 @@ def _next_uid() -> int:
 
 
 def _run_in(workdir: str, code: str, limits: SandboxLimits, force_fallback: bool) -> SandboxResult:
+    import subprocess
+    import tempfile
+
     uid = _next_uid() if os.geteuid() == 0 else None
     with open(os.path.join(workdir, "candidate.py"), "w") as f:
         f.write(code)
@@ -124,6 +135,9 @@ def _run_in(workdir: str, code: str, limits: SandboxLimits, force_fallback: bool
                 cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, pass_fds=(status_w,), close_fds=True,
             )
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
         timed_out = False
@@ -133,6 +147,8 @@ def _run_in(workdir: str, code: str, limits: SandboxLimits, force_fallback: bool
             timed_out = True
         _kill_group(proc.pid)
         proc.wait()
+        if uid is not None:
+            _kill_uid(uid)
         wall = time.monotonic() - start
         isolation = _read_status(status_r)
         stdout, stderr = _tail(out), _tail(err)
@@ -147,6 +163,21 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_uid(uid: int, patience_s: float = 5.0) -> None:
+    """SIGKILL every process still owned by this run's private uid, until none is left."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner(p) == uid]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
 
 
 def _read_status(fd: int) -> dict:
@@ -194,6 +225,7 @@ def _reason(rc: int | None, timed_out: bool, stderr: str, limits: SandboxLimits)
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 _PR_SET_PDEATHSIG = 1
 _MNT_DETACH = 2
 
@@ -218,6 +250,12 @@ def _enter_namespaces(libc, root: bool) -> dict:
     if root:
         _check(libc.unshare(flags), "unshare")
         return {"namespaces": "net+mnt+pid"}
+    _new_user_ns(libc, flags)
+    return {"namespaces": "user+net+mnt+pid"}
+
+
+def _new_user_ns(libc, flags: int) -> None:
+    """Unshare a user namespace (plus ``flags``) in which we are root, mapped to our current ids."""
     uid, gid = os.getuid(), os.getgid()
     _check(libc.unshare(flags | _CLONE_NEWUSER), "unshare(user)")
     with open("/proc/self/setgroups", "w") as f:
@@ -226,7 +264,6 @@ def _enter_namespaces(libc, root: bool) -> dict:
         f.write(f"0 {uid} 1")
     with open("/proc/self/gid_map", "w") as f:
         f.write(f"0 {gid} 1")
-    return {"namespaces": "user+net+mnt+pid"}
 
 
 def _mount_points() -> list[tuple[str, set[str]]]:
@@ -239,15 +276,17 @@ def _mount_points() -> list[tuple[str, set[str]]]:
     return points
 
 
-def _readonly_except(libc, workdir: str) -> int:
-    """Make every mount read-only except a bind mount of ``workdir``; return how many remounts failed."""
+def _readonly_except(libc, workdir: str, keep_rw: tuple[str, ...] = ()) -> int:
+    """Make every mount read-only except a bind mount of ``workdir`` (and ``keep_rw``); return how many
+    remounts failed."""
     _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
     _check(libc.mount(workdir.encode(), workdir.encode(), None, _MS_BIND, None), "bind workdir")
     _expose_python(libc, workdir)
     failed = 0
-    keep = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
+    keep = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
+            "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME, "strictatime": _MS_STRICTATIME}
     for path, opts in _mount_points():
-        if path == workdir:
+        if path == workdir or path in keep_rw:
             continue
         extra = sum(bit for name, bit in keep.items() if name in opts)
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | extra
@@ -315,6 +354,9 @@ def _owner(pid: str) -> int:
         return -1
 
 
+_SPAWNERS = ("_posixsubprocess", "subprocess", "multiprocessing")
+
+
 def _install_guards(workdir: str, *, block_net: bool, block_fs: bool, block_fork: bool) -> None:
     """Audit-hook fallback for whatever the namespaces could not isolate."""
     import socket
@@ -324,7 +366,7 @@ def _install_guards(workdir: str, *, block_net: bool, block_fs: bool, block_fork
     fs_events = two_paths | {"os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown",
                              "os.utime", "shutil.rmtree"}
     spawn_events = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-                    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata"}
+                    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     root = os.path.realpath(workdir)
 
@@ -339,11 +381,12 @@ def _install_guards(workdir: str, *, block_net: bool, block_fs: bool, block_fork
             if event == "socket.__new__" and len(args) > 1 and args[1] == socket.AF_UNIX:
                 return
             raise PermissionError(f"sandbox: network disabled ({event})")
-        if block_fork and event == "os.fork":
+        spawner_import = event == "import" and args[0] in _SPAWNERS
+        if block_fork and (event in ("os.fork", "os.forkpty") or spawner_import):
             raise PermissionError("sandbox: fork disabled (running as root, RLIMIT_NPROC not enforced)")
         if not block_fs:
             return
-        if event in spawn_events or (event == "import" and args[0] in ("ctypes", "_ctypes")):
+        if event in spawn_events or (event == "import" and args[0] in _SPAWNERS + ("ctypes", "_ctypes")):
             raise PermissionError(f"sandbox: {event} {args[0] if event == 'import' else ''}disabled")
         if event == "open":
             mode, flags = args[1], args[2]
@@ -413,7 +456,11 @@ def _launcher(spec_path: str, status_fd: int) -> None:
         if not spec["force_fallback"]:
             status.update(_enter_namespaces(libc, root))
             status["network"], status["pid"] = "netns", "pidns"
-            failed = _readonly_except(libc, spec["workdir"])
+            # without root, /proc stays writable to set up the nested user namespace below
+            failed = _readonly_except(libc, spec["workdir"], () if root else ("/proc",))
+            if not root:  # our user namespace could undo the remounts: copy them into a nested one, locked
+                _new_user_ns(libc, _CLONE_NEWNS)
+                status["namespaces"] += " (mounts locked in a nested user namespace)"
             status["filesystem"] = "read-only mounts"
             status["remount_failures"] = failed
     except OSError as e:

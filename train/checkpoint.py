@@ -134,6 +134,18 @@ def optimizer_from_flat(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         raise MoeforgeError(f"{source}: optimizer state does not fit this optimizer: {e}") from e
 
 
+def _load_optimizer(model: torch.nn.Module, optimizer, meta: dict, source: Path) -> None:
+    """Optimizers with their own name-keyed state (`load_flat_state_dict`) load it; torch ones generically."""
+    tensors = _load_tensors(source)
+    if not hasattr(optimizer, "load_flat_state_dict"):
+        optimizer_from_flat(model, optimizer, tensors, meta, source)
+        return
+    try:
+        optimizer.load_flat_state_dict(tensors, meta)
+    except (MoeforgeError, ValueError, KeyError) as e:
+        raise MoeforgeError(f"{source}: optimizer state does not fit this optimizer: {e}") from e
+
+
 def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under `root` (named step-<N>, with a manifest), oldest first."""
     root = Path(root)
@@ -161,8 +173,10 @@ def prune(root: Path, keep: int) -> None:
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
          state: dict | None = None, config: dict | None = None, tokenizer_hash: str | None = None,
-         keep: int | None = None) -> Path:
-    """Write `<root>/step-<step>` atomically (temporary name, fsync, rename) and keep the newest `keep`."""
+         keep: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `<root>/step-<step>` atomically (temporary name, fsync, rename) and keep the newest `keep`.
+
+    `extra_files` (name -> text, e.g. the tokenizer.json) are written beside the tensors and checksummed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):
@@ -173,9 +187,13 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     files = [MODEL_FILE]
     optim_meta = None
     if optimizer is not None:
-        tensors, optim_meta = optimizer_to_flat(model, optimizer)
+        flat = getattr(optimizer, "flat_state_dict", None)
+        tensors, optim_meta = flat() if flat else optimizer_to_flat(model, optimizer)
         save_file(_cpu_tensors(tensors), tmp / OPTIM_FILE)
         files.append(OPTIM_FILE)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+        files.append(name)
     manifest = {
         "format": FORMAT,
         "step": step,
@@ -243,8 +261,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is not None:
         if manifest["optimizer"] is None:
             raise MoeforgeError(f"{path} holds no optimizer state ({OPTIM_FILE} absent)")
-        tensors = _load_tensors(path / OPTIM_FILE)
-        optimizer_from_flat(model, optimizer, tensors, manifest["optimizer"], path / OPTIM_FILE)
+        _load_optimizer(model, optimizer, manifest["optimizer"], path / OPTIM_FILE)
     return Checkpoint(path=path, step=manifest["step"], state=manifest["state"], config=manifest["config"],
                       rng=manifest["rng"], tokenizer_hash=manifest["tokenizer_hash"])
 

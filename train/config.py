@@ -51,6 +51,7 @@ class TrainerConfig:
     indexer_warmup_steps: int = 0  # steps before sparse_from_step in which the indexer loss is on
     log_every: int = 10  # console lines; metrics.jsonl gets every step
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    peak_tflops: float | None = None  # peak of the device for MFU where it is not known (CPU)
     spike: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
 
@@ -135,11 +136,16 @@ def _instantiate(section: str, cls: type, values: dict) -> Any:
             if key not in names:
                 raise ConfigError(f"{section}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
     try:
-        obj = cls.from_dict(values) if hasattr(cls, "from_dict") else cls(**values)
+        if hasattr(cls, "from_dict"):
+            obj = cls.from_dict(values)
+        else:
+            obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
         if hasattr(obj, "validate"):
             obj.validate()
     except ConfigError as e:
         raise _prefixed(section, e) from e
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(section, e) from e
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(section, str(e)) from e
     return obj

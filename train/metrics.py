@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -40,11 +41,17 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
-        else:
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+        self._file = None
+        self.truncate(resume_step if resume_step is not None else 0)
+
+    def truncate(self, step: int) -> None:
+        """Keep only the records of steps <= `step`, then append from there."""
+        if self._file is not None:
+            self._file.close()
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -73,14 +80,21 @@ class WandbSink:
         import wandb
 
         id_file = Path(run_dir) / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(project=project or "moeforge", entity=entity, mode=self.mode, dir=str(run_dir),
                               config=config, id=run_id, resume="allow", name=Path(run_dir).name)
 
     def log(self, step: int, record: dict) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+        if self.run is None:
+            return
+        flat = {}
+        for k, v in record.items():
+            if isinstance(v, (list, tuple)):
+                flat.update({f"{k}/{i}": x for i, x in enumerate(v)})
+            elif isinstance(v, (int, float)) and k != "step":
+                flat[k] = v
+        self.run.log(flat, step=step)
 
     def close(self) -> None:
         if self.run is not None:
@@ -101,16 +115,24 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not logger_cfg.progress,
                         dynamic_ncols=True, desc="train")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, advance: bool = True) -> None:
+        """Record one step (`advance=False` for the step-0 record written before training)."""
         step = record["step"]
         self.jsonl.write(record)
         if step % self.every == 0 or "val_loss" in record:
             self.wandb.log(step, record)
-        self.bar.update(1)
+        if advance:
+            self.bar.update(1)
         shown = {k: record[k] for k in SHOWN if record.get(k) is not None}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         if step % self.console_every == 0 or "val_loss" in record:
             log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: drop later records and move the progress bar back."""
+        self.jsonl.truncate(step)
+        self.bar.n = step
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

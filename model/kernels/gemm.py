@@ -12,7 +12,7 @@ import triton.language as tl
 
 from model.errors import MoeforgeError
 
-from .runtime import GROUP, check_kernel_inputs, cdiv
+from .runtime import GROUP, cdiv, check_kernel_inputs
 
 
 @triton.jit
@@ -25,31 +25,10 @@ def scaled_step(acc, a, b, sa, sb, SB_SCALAR: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
-                     s_am, s_bn, s_cm, s_sam, s_sbn,
-                     B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    rm = (pid_m * BM + tl.arange(0, BM)) % M
-    rn = (pid_n * BN + tl.arange(0, BN)) % N
+def mainloop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             SB_SCALAR: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+    """The K loop shared by the dense and the grouped kernel: returns the fp32 accumulator."""
     rk = tl.arange(0, BK)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
-    b_ptrs = b_ptr + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
-    sa_ptrs = sa_ptr + rm * s_sam
-    SB_SCALAR: tl.constexpr = B_BLOCK and BN <= 128
-    if SB_SCALAR:
-        sb_ptrs = sb_ptr + ((pid_n * BN) // 128) * s_sbn
-    elif B_BLOCK:
-        sb_ptrs = sb_ptr + (rn // 128) * s_sbn
-    else:
-        sb_ptrs = sb_ptr + rn * s_sbn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     nk = tl.cdiv(K, BK)
     for kb in range(0, nk, SPLIT):
@@ -78,14 +57,73 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
             acc = scaled_step(acc, a, b, tl.load(sa_ptrs + kb), tl.load(sb_ptrs + kb), SB_SCALAR)
         a_ptrs += BK * SPLIT
         b_ptrs += BK * SPLIT
+    return acc
+
+
+@triton.jit
+def b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK: tl.constexpr, BN: tl.constexpr):
+    """Pointers to B's scales for this N tile: a scalar when one 128x128 block covers it."""
+    if B_BLOCK and BN <= 128:
+        return sb_ptr + ((pid_n * BN) // 128) * s_sbn
+    elif B_BLOCK:
+        return sb_ptr + (rn // 128) * s_sbn
+    else:
+        return sb_ptr + rn * s_sbn
+
+
+@triton.jit
+def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sbn,
+               B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+    """Compute and store output tile number ``tile`` (grouped ordering for L2 reuse)."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (tile // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    rm = (pid_m * BM + tl.arange(0, BM)) % M
+    rn = (pid_n * BN + tl.arange(0, BN)) % N
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
+    sb_ptrs = b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK, BN)
+    acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, K, BM, BN, BK,
+                   B_BLOCK and BN <= 128, EVEN_K, SPLIT)
     cm = pid_m * BM + tl.arange(0, BM)
     cn = pid_n * BN + tl.arange(0, BN)
     c_ptrs = c_ptr + cm[:, None].to(tl.int64) * s_cm + cn[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
 
 
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                     s_am, s_bn, s_cm, s_sam, s_sbn,
+                     B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                     PERSISTENT: tl.constexpr):
+    """One tile per program, or (PERSISTENT) a fixed grid of programs striding over all tiles."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sbn,
+                       B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT)
+    else:
+        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm,
+                   s_sam, s_sbn, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT)
+
+
 # Default launch configuration (H200 measurements in docs/benchmarks.md); interpreter uses small tiles.
-CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4}
+CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4, "PERSISTENT": 0}
+
+
+def _num_programs(tiles: int, persistent: int, device: torch.device) -> int:
+    """Grid size: one program per tile, or ``persistent`` programs per SM."""
+    if not persistent:
+        return tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return min(tiles, persistent * sms)
 
 
 def _check(a, sa, b, sb, b_block):
@@ -117,10 +155,11 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    grid = (cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]),)
+    grid = (_num_programs(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cfg["PERSISTENT"], a.device),)
     _fp8_gemm_kernel[grid](
         a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0), sa.stride(0), sb.stride(0),
         B_BLOCK=b_block, BM=cfg["BM"], BN=cfg["BN"], BK=GROUP, GROUP_M=cfg["GROUP_M"], EVEN_K=even_k,
-        SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SPLIT=split, PERSISTENT=bool(cfg["PERSISTENT"]), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return c

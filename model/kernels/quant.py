@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .grouping import block_e, check_offsets, max_tiles, segment_tile, tile_ends
-from .runtime import GROUP, check_kernel_inputs, cdiv
+from .runtime import GROUP, cdiv, check_kernel_inputs
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
         s, inv = scale_of(tl.max(ax, axis=0), POW2)
         q = round_e4m3(x * inv[None, :]).to(qt_ptr.dtype.element_ty)
         tl.store(qt_ptr + b * sqt_b + rk[None, :].to(tl.int64) * sqt_k + rm64[:, None], q, mask=mask)
-        tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m, s, mask=rk < K)
+        live = (rk < K) & (rk * 0 + row0 < row_end)  # no scale for a tile past the last segment
+        tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m, s, mask=live)
     if BLOCKS:  # one scale for the whole 128x128 tile; optionally its transpose too
         s, inv = scale_of(tl.max(tl.max(ax, axis=1), axis=0), POW2)
         q = round_e4m3(x * inv).to(q_ptr.dtype.element_ty)
@@ -90,24 +91,24 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
 FP8 = torch.float8_e4m3fn
 
 
+def _strides(t, batched):
+    """(batch stride, row stride) of an optional output; zeros for an absent one."""
+    if t is None:
+        return 0, 0
+    return (t.stride(0) if batched and t.dim() == 3 else 0), t.stride(-2)
+
+
 def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, tends=None, e=1,
             rows=False, cols=False, blocks=False, limit=0.0, pow2=False, bm=GROUP, bk=GROUP):
     dummy = x.new_empty(1)
     b3 = x.dim() == 3
     m, k = x.shape[-2:]
-
-    def st3(t, i):
-        return 0 if t is None or t.dim() < 3 else t.stride(i)
-
     _quant_kernel[grid](
-        x, up if up is not None else dummy, q if q is not None else dummy, s if s is not None else dummy,
-        qt if qt is not None else dummy, st if st is not None else dummy,
-        offs if offs is not None else dummy, tends if tends is not None else dummy,
+        x, *(t if t is not None else dummy for t in (up, q, s, qt, st, offs, tends)),
         m, k, e, float(limit),
         x.stride(0) if b3 else 0, x.stride(-2), x.stride(-1),
         up.stride(0) if up is not None else 0, up.stride(1) if up is not None else 0,
-        st3(q, 0), q.stride(-2) if q is not None else 0, st3(s, 0), s.stride(-2) if s is not None else 0,
-        st3(qt, 0), qt.stride(-2) if qt is not None else 0, st3(st, 0), st.stride(-2) if st is not None else 0,
+        *_strides(q, b3), *_strides(s, b3), *_strides(qt, b3), *_strides(st, b3),
         ROWS=rows, COLS=cols, BLOCKS=blocks, BLOCKS_T=blocks and qt is not None, SWIGLU=up is not None,
         SEGMENTED=offs is not None, POW2=pow2, BM=bm, BK=bk, BLOCK_E=block_e(e),
         num_warps=8 if bm * bk >= GROUP * GROUP else 4,

@@ -69,3 +69,45 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     s = scale.repeat_interleave(GROUP, dim=0).repeat_interleave(GROUP, dim=1)[:n, :k]
     return q.float() * s
+
+
+def quantize_segments_ref(x: torch.Tensor, offs: torch.Tensor, pow2: bool = False):
+    """x [M, K] sorted by expert -> (q_t [K, M], scale [K, max_tiles]) with 1x128 groups along M that
+    restart at every expert boundary (tile t of ``grouping`` owns column t of the scales)."""
+    from .grouping import max_tiles, tile_rows_ref
+
+    m, k = x.shape
+    qt = torch.zeros(k, m, dtype=torch.float8_e4m3fn, device=x.device)
+    st = torch.zeros(k, max_tiles(m, offs.numel()), dtype=torch.float32, device=x.device)
+    for t, (_e, r0, r1) in enumerate(tile_rows_ref(offs)):
+        q, s = quantize_rows_ref(x[r0:r1].t(), pow2)
+        qt[:, r0:r1] = q
+        st[:, t] = s[:, 0]
+    return qt, st
+
+
+def swiglu_ref(g: torch.Tensor, u: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(min(g, limit)) * clamp(u, -limit, limit) in fp32 (no clamp when limit is 0)."""
+    g, u = g.float(), u.float()
+    if limit > 0:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return torch.nn.functional.silu(g) * u
+
+
+def quantize_act_dual_ref(x: torch.Tensor, *, pow2: bool = False, up: torch.Tensor | None = None,
+                          limit: float = 0.0):
+    """Reference of quant.quantize_act_dual: (q, scale) by rows and (q_t, scale_t) by columns."""
+    if up is not None:
+        x = swiglu_ref(x, up, limit)
+    return (*quantize_rows_ref(x, pow2), *quantize_cols_ref(x, pow2))
+
+
+def quantize_weight_ref(w: torch.Tensor, *, pow2: bool = False, transpose: bool = True):
+    """Reference of quant.quantize_weight for [N, K] or stacked [E, N, K] weights."""
+    if w.dim() == 3:
+        parts = [quantize_blocks_ref(we, pow2) for we in w]
+        q = torch.stack([p[0] for p in parts])
+        s = torch.stack([p[1] for p in parts])
+    else:
+        q, s = quantize_blocks_ref(w, pow2)
+    return q, s, q.transpose(-1, -2).contiguous() if transpose else None

@@ -80,4 +80,6 @@ def test_keller_steps_match_torch_reference():
         ours = newton_schulz(g, (KELLER_COEFFS,) * 5, torch.float32)
         theirs = ref(g, KELLER_COEFFS, 5, 1e-7).float()  # torch's runs in bf16: compare to bf16 accuracy
         rel = torch.linalg.matrix_norm(ours - theirs) / torch.linalg.matrix_norm(theirs)
-        assert rel < 1e-2, rel
+        assert rel < 3e-2, rel
+        hybrid = newton_schulz(g)  # a different iteration is far off: the comparison can fail
+        assert torch.linalg.matrix_norm(hybrid - theirs) / torch.linalg.matrix_norm(theirs) > 0.05

@@ -33,23 +33,27 @@ def mhc(rows):
     return Node(fn=p(rows, N_HC * D), base=p(rows), scale=p(3 if rows > N_HC else 1))
 
 
+def compressor(rows, c, m):
+    """CSA: rows = 2c (two overlapping windows); HCA: rows = c."""
+    wkv, wgate = Node(weight=p(rows, D)), Node(weight=p(rows, D))
+    return Node(wkv=wkv, wgate=wgate, ape=p(m, rows), norm=Node(weight=p(c)))
+
+
+def linear(n_in, n_out):
+    return nn.Linear(n_in, n_out, bias=False)
+
+
 def attention(kind):
     parts = dict(
-        wq_a=nn.Linear(D, DC, bias=False), q_norm=Node(weight=p(DC)), wq_b=nn.Linear(DC, NH * C, bias=False),
-        wkv=nn.Linear(D, C, bias=False), kv_norm=Node(weight=p(C)), wo_a=nn.Linear(NH * C // G, G * DG, bias=False),
-        wo_b=nn.Linear(G * DG, D, bias=False), attn_sink=p(NH),
+        wq_a=linear(D, DC), q_norm=Node(weight=p(DC)), wq_b=linear(DC, NH * C), wkv=linear(D, C),
+        kv_norm=Node(weight=p(C)), wo_a=linear(NH * C // G, G * DG), wo_b=linear(G * DG, D), attn_sink=p(NH),
     )
     if kind == "hca":
-        parts["compressor"] = Node(wkv=Node(weight=p(C, D)), wgate=Node(weight=p(C, D)), ape=p(16, C),
-                                   norm=Node(weight=p(C)))
+        parts["compressor"] = compressor(C, C, 16)
     if kind == "csa":
-        parts["compressor"] = Node(wkv=Node(weight=p(2 * C, D)), wgate=Node(weight=p(2 * C, D)), ape=p(4, 2 * C),
-                                   norm=Node(weight=p(C)))
-        parts["indexer"] = Node(
-            compressor=Node(wkv=Node(weight=p(2 * CI, D)), wgate=Node(weight=p(2 * CI, D)), ape=p(4, 2 * CI),
-                            norm=Node(weight=p(CI))),
-            wq_b=nn.Linear(DC, NI * CI, bias=False), weights_proj=nn.Linear(D, NI, bias=False),
-        )
+        parts["compressor"] = compressor(2 * C, C, 4)
+        parts["indexer"] = Node(compressor=compressor(2 * CI, CI, 4), wq_b=linear(DC, NI * CI),
+                                weights_proj=linear(D, NI))
     return Node(**parts)
 
 
@@ -59,8 +63,7 @@ def moe(hash_routed):
         gate.register_buffer("tid2eid", torch.randint(0, E, (V, K)))
     else:
         gate.register_buffer("bias", torch.zeros(E))
-    shared = Node(w1=nn.Linear(D, I_EXP, bias=False), w2=nn.Linear(I_EXP, D, bias=False),
-                  w3=nn.Linear(D, I_EXP, bias=False))
+    shared = Node(w1=linear(D, I_EXP), w2=linear(I_EXP, D), w3=linear(D, I_EXP))
     experts = Node(w1=p(E, I_EXP, D), w2=p(E, D, I_EXP), w3=p(E, I_EXP, D))
     return Node(gate=gate, experts=experts, shared_experts=shared)
 
@@ -80,7 +83,7 @@ def v4_tree(with_mtp: bool = True) -> nn.Module:
     )
     if with_mtp:
         mtp = block("sliding", False)
-        for name, mod in dict(e_proj=nn.Linear(D, D, bias=False), h_proj=nn.Linear(D, D, bias=False),
+        for name, mod in dict(e_proj=linear(D, D), h_proj=linear(D, D),
                               enorm=Node(weight=p(D)), hnorm=Node(weight=p(D)), norm=Node(weight=p(D)),
                               hc_head=mhc(N_HC)).items():
             setattr(mtp, name, mod)

@@ -1,0 +1,100 @@
+"""``moeforge <stage> [overrides]``, ``moeforge pipeline=<name> [overrides]``, ``moeforge -m ...`` sweeps."""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import OmegaConf
+
+from launch.compose import CONFIG_DIR, compose_stage, sweep_dir
+from launch.launcher import LauncherConfig
+from launch.local import run_local
+from launch.plan import Plan
+from launch.planner import ROOT, plan_pipeline, plan_stage
+from launch.report import format_report
+from launch.slurm import follow, submit
+from launch.stages import STAGES, get_stage
+from launch.sweep import expand
+from model.errors import MoeforgeError
+
+USAGE = """usage: moeforge [-m|--multirun] [--cfg] <stage> [key=value ...]
+       moeforge [-m|--multirun] [--cfg] pipeline=<name> [key=value ...]
+
+stages:    {stages}
+pipelines: {pipelines}
+Overrides are Hydra's (group=option, group.key=value, hydra.run.dir=<dir>); --multirun sweeps a=1,2 grids,
+each point in its own run directory; --cfg prints the composed config and exits."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; user errors print one line naming the key and exit with status 2."""
+    try:
+        code = run_cli(sys.argv[1:] if argv is None else list(argv))
+    except MoeforgeError as e:
+        print(f"moeforge: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+def run_cli(args: list[str]) -> int:
+    flags = {a for a in args if a.startswith("-")}
+    words = [a for a in args if not a.startswith("-")]
+    if flags & {"-h", "--help"} or not words:
+        pipelines = sorted(p.stem for p in (CONFIG_DIR / "pipeline").glob("*.yaml"))
+        print(USAGE.format(stages=", ".join(STAGES), pipelines=", ".join(pipelines)))
+        return 0 if words or flags else 2
+    unknown = flags - {"-m", "--multirun", "--cfg"}
+    if unknown:
+        raise MoeforgeError(f"unknown option {sorted(unknown)[0]}; see moeforge --help")
+    stage, pipeline, overrides = _target(words)
+    if "--cfg" in flags:
+        spec = ROOT if pipeline else get_stage(stage)
+        print(OmegaConf.to_yaml(compose_stage(spec, overrides)[0]))
+        return 0
+    points = [overrides]
+    if flags & {"-m", "--multirun"}:
+        points = expand(overrides)
+        base = sweep_dir(ROOT if pipeline else get_stage(stage), points[0]).resolve()
+        points = [p + [f"hydra.run.dir={base / str(i)}"] for i, p in enumerate(points)]
+    # every point is planned (composed and validated) before anything starts
+    plans = [plan_pipeline(pipeline, p) if pipeline else plan_stage(stage, p) for p in points]
+    return execute(plans)
+
+
+def execute(plans: list[Plan]) -> int:
+    """Run the plans locally one after another, or submit them all to SLURM and follow the jobs."""
+    if plans[0].launcher != "slurm":
+        for plan in plans:
+            run_local(plan)
+            if len(plan.steps) > 1:
+                print(format_report(plan), end="", flush=True)
+        return 0
+    jobs = {}
+    for plan in plans:
+        prefix = f"{plan.run_dir}:" if len(plans) > 1 else ""
+        jobs.update({f"{prefix}{step}": jid for step, jid in submit(plan).items()})
+    lc = LauncherConfig(**plans[0].steps[0].launcher)
+    if not lc.wait or not jobs:
+        return 0
+    states = follow(jobs, lc.poll_seconds)
+    for plan in plans:
+        if len(plan.steps) > 1:
+            print(format_report(plan), end="", flush=True)
+    bad = {k: v for k, v in states.items() if v != "COMPLETED"}
+    if bad:
+        print(f"moeforge: jobs did not complete: {bad}; fix the cause and re-run the same command to resume "
+              f"(finished steps are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _target(words: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(stage, pipeline, overrides) from the positional words."""
+    pipes = [w for w in words if w.startswith("pipeline=")]
+    if pipes:
+        if len(pipes) > 1 or "=" not in words[0]:
+            raise MoeforgeError("pipeline: give either one stage or one pipeline=<name>")
+        return None, pipes[0].split("=", 1)[1], [w for w in words if w not in pipes]
+    if "=" in words[0]:
+        raise MoeforgeError(f"stage: the first word must be a stage ({', '.join(STAGES)}) or pipeline=<name>")
+    return words[0], None, words[1:]

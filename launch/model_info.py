@@ -1,0 +1,40 @@
+"""``moeforge model-info [model=...]``: total and active parameter counts (built on the meta device)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from model import ModelConfig
+from model.info import count_parameters
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Count the parameters of ``cfg.model``; print them and write ``run_dir/summary.json``."""
+    total, active = count_parameters(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+    counts = {"total_params": total, "active_params": active}
+    print(f"model: {cfg.model.num_hidden_layers} layers, hidden {cfg.model.hidden_size}, "
+          f"{cfg.model.n_routed_experts} routed experts ({cfg.model.num_experts_per_tok} per token)")
+    for key, value in counts.items():
+        print(f"{key:<13}  {_fmt(value)}")
+    summary = {"stage": "model-info", "checkpoint": None, "metrics": counts}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _fmt(value: int) -> str:
+    return f"{value:>17,}" + (f"  ({value / 1e9:.1f}B)" if value >= 10**8 else "")
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

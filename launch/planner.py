@@ -1,0 +1,124 @@
+"""Build plans from the command line: one stage, or ``pipeline=<name>`` from configs/pipeline/."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from launch.compose import compose_stage, parse
+from launch.launcher import launcher_config
+from launch.plan import PLACEHOLDER, Plan, Step, order_steps
+from launch.stages import StageSpec, get_stage
+from launch.validate import check_input_path, validate_stage
+from model.errors import ConfigError
+
+ROOT = StageSpec("pipeline", "", "config", None)
+STEP_FIELDS = {"name", "stage", "overrides", "input", "after"}
+
+
+def plan_stage(stage: str, overrides: list[str]) -> Plan:
+    """A one-step plan for ``moeforge <stage> [overrides]``; the config is checked here."""
+    spec = get_stage(stage)
+    own = with_stage_key(spec, [o for o in overrides if not _is_run_dir(o)])
+    cfg, run_dir = compose_stage(spec, with_stage_key(spec, overrides))
+    validate_stage(spec, cfg)
+    run_dir = run_dir.resolve()
+    lc = launcher_config(cfg)
+    step = Step(stage, stage, own, run_dir=str(run_dir), launcher=asdict(lc))
+    return Plan(stage, str(run_dir), [step], launcher=lc.name, skip_done=False)
+
+
+def plan_pipeline(name: str, overrides: list[str]) -> Plan:
+    """The plan of configs/pipeline/<name>.yaml; every step's config is composed and checked here."""
+    where = f"configs/pipeline/{name}.yaml"
+    cfg, run_dir = compose_stage(ROOT, pipeline_overrides(name, overrides))
+    validate_stage(ROOT, cfg)
+    run_dir = run_dir.resolve()
+    raw = OmegaConf.to_container(cfg.pipeline, resolve=False) if cfg.get("pipeline") else None
+    if not isinstance(raw, dict) or not isinstance(raw.get("steps"), list) or not raw["steps"]:
+        raise ConfigError(f"{where}: steps", "must be a non-empty list of steps")
+    steps = order_steps([_step(i, s, where, run_dir) for i, s in enumerate(raw["steps"])], where)
+    names = {s.name for s in steps}
+    for step in steps:
+        spec = get_stage(step.stage, f"{where}: step {step.name}: stage")
+        step.overrides = with_stage_key(spec, step.overrides + [o for o in overrides if _applies(o, spec)])
+        if step.input and spec.input_key is None:
+            raise ConfigError(f"{where}: step {step.name}: input", f"stage {step.stage} takes no input")
+        if step.input and step.input not in names:
+            check_input_path(f"{where}: step {step.name}: input", step.input)
+        step.launcher = _check_step(spec, step, run_dir, names)
+    lc = launcher_config(cfg)
+    return Plan(name, str(run_dir), steps, launcher=lc.name, max_parallel=lc.max_parallel)
+
+
+def pipeline_overrides(name: str, overrides: list[str]) -> list[str]:
+    """Root-config overrides of a pipeline: its group, and run/sweep dirs under runs/<name>/ by default."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    extra = [f"pipeline={name}"]
+    for key, top in (("hydra.run.dir", "runs"), ("hydra.sweep.dir", "multirun")):
+        if key not in keys:
+            extra.append(f"{key}={top}/{name}/${{now:%Y%m%d-%H%M%S}}")
+    return extra + list(overrides)
+
+
+def with_stage_key(spec: StageSpec, overrides: list[str]) -> list[str]:
+    """Root-config stages get ``stage=<name>`` (the root config's ``stage`` key) unless one is given."""
+    if spec.config_name != "config" or any(o.split("=", 1)[0] == "stage" for o in overrides):
+        return list(overrides)
+    return [f"stage={spec.name}", *overrides]
+
+
+def _step(i: int, raw, where: str, run_dir: Path) -> Step:
+    key = f"{where}: steps[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "a step is a mapping with name, stage, overrides, input, after")
+    for k in raw:
+        if k not in STEP_FIELDS:
+            raise ConfigError(f"{key}.{k}", f"unknown step field; known: {', '.join(sorted(STEP_FIELDS))}")
+    for k in ("name", "stage"):
+        if not isinstance(raw.get(k), str) or not raw[k]:
+            raise ConfigError(f"{key}.{k}", "must be a non-empty string")
+    for k in ("overrides", "after"):
+        v = raw.get(k) or []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{key}.{k}", "must be a list of strings")
+    if raw.get("input") is not None and not isinstance(raw["input"], str):
+        raise ConfigError(f"{key}.input", "must be a step name or a checkpoint path")
+    get_stage(raw["stage"], f"{key}.stage")
+    return Step(raw["name"], raw["stage"], list(raw.get("overrides") or []), raw.get("input"),
+                list(raw.get("after") or []), str(run_dir / raw["name"]))
+
+
+def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> dict:
+    """Compose the step's config with stand-in paths for outputs of earlier steps, validate it, and
+    return its launcher settings."""
+    def stand_in_path(name: str) -> str:
+        return str(run_dir / name / "checkpoint")
+
+    stand_in = [PLACEHOLDER.sub(lambda m: stand_in_path(m.group(1)), o) for o in step.overrides]
+    from_step = step.input in names
+    if step.input and not from_step:
+        stand_in.append(f"{spec.input_key}={step.input}")
+    elif from_step and spec.config_name != "config":  # a required key of the stage's own config
+        stand_in.append(f"{spec.input_key}={stand_in_path(step.input)}")
+    stand_in.append(f"hydra.run.dir={step.run_dir}")
+    try:
+        cfg, _ = compose_stage(spec, stand_in)
+        validate_stage(spec, cfg, check_input=not from_step)  # outputs are checked when the step starts
+        return asdict(launcher_config(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"step {step.name}: {e.key}", str(e)[len(e.key) + 2:]) from e
+
+
+def _applies(override: str, spec: StageSpec) -> bool:
+    """Command-line overrides go to every step of the root config; launcher ones to every step."""
+    if _is_run_dir(override):
+        return False
+    key = parse([override])[0].key_or_group
+    return spec.config_name == "config" or key.split(".")[0] == "launcher" or key.startswith("hydra.")
+
+
+def _is_run_dir(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == "hydra.run.dir"

@@ -1,0 +1,107 @@
+"""Run one step of a plan: resolve its inputs, skip it if finished, run it, leave its marker.
+
+``python -m launch.step <run dir>/.moeforge/plan.json <step>`` is what SLURM jobs (and parallel local
+steps) execute; the in-process pipeline calls :func:`run_step` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.compose import compose_stage
+from launch.inprocess import run_in_process
+from launch.launcher import launcher_config
+from launch.markers import MARKER, checksum, read_marker, stale_reason, write_marker
+from launch.plan import PLACEHOLDER, Plan, Step
+from launch.procs import is_lead_process, job_env, rank_env_from_slurm, torchrun_argv
+from launch.stages import get_stage
+from launch.validate import check_input_path
+from model.errors import MoeforgeError
+
+log = logging.getLogger(__name__)
+
+
+def resolve(plan: Plan, step: Step) -> tuple[list[str], dict[str, str | None]]:
+    """The step's final overrides (inputs filled in, run dir set) and the checksums of its inputs."""
+    spec = get_stage(step.stage)
+    names = {s.name for s in plan.steps}
+
+    def output_of(name: str) -> dict:
+        marker = read_marker(Path(plan.step(name).run_dir))
+        if marker is None:
+            raise MoeforgeError(f"step {step.name!r} needs step {name!r}, which has not finished "
+                                f"(no {Path(plan.step(name).run_dir) / MARKER})")
+        return marker
+
+    inputs = {name: output_of(name).get("checksum") for name in plan.deps(step)}
+    def fill(m) -> str:
+        return str(output_of(m.group(1))["checkpoint"])
+
+    overrides = [PLACEHOLDER.sub(fill, o) for o in step.overrides]
+    if step.input:
+        if step.input in names:
+            ckpt = output_of(step.input).get("checkpoint")
+            if not ckpt:
+                raise MoeforgeError(f"step {step.input!r} produced no checkpoint for step {step.name!r}")
+        else:
+            ckpt = step.input
+            check_input_path(spec.input_key, ckpt)
+            inputs["input"] = checksum(ckpt)
+        overrides.append(f"{spec.input_key}={ckpt}")
+    overrides.append(f"hydra.run.dir={step.run_dir}")
+    return overrides, inputs
+
+
+def run_step(plan: Plan, name: str) -> dict:
+    """Run step ``name`` unless its marker shows it finished; returns its marker record."""
+    step = plan.step(name)
+    step_dir = Path(step.run_dir)
+    overrides, inputs = resolve(plan, step)
+    reason = stale_reason(step_dir, overrides, inputs) if plan.skip_done else "always run"
+    if reason is None:
+        print(f"[moeforge] step {name}: finished earlier, skipped", flush=True)
+        return {**read_marker(step_dir), "skipped": True}
+    print(f"[moeforge] step {name} ({step.stage}) -> {step_dir}", flush=True)
+    spec = get_stage(step.stage)
+    cfg, _ = compose_stage(spec, overrides)
+    lc = launcher_config(cfg)
+    started = time.time()
+    if lc.world_size == 1:
+        summary = run_in_process(spec, overrides)
+    elif lc.mode == "srun" and "SLURM_PROCID" in os.environ:
+        os.environ.update(rank_env_from_slurm(lc))
+        summary = run_in_process(spec, overrides)
+    else:
+        argv = torchrun_argv(spec.module, overrides, lc)
+        if subprocess.run(argv, env=job_env()).returncode != 0:
+            raise MoeforgeError(f"step {name}: torchrun exited with an error; see {step_dir}")
+        summary = json.loads((step_dir / "summary.json").read_text())
+    record = {"step": name, "stage": step.stage, "overrides": overrides, "inputs": inputs,
+              "checkpoint": summary.get("checkpoint"), "metrics": summary.get("metrics", {}),
+              "summary": summary, "seconds": round(time.time() - started, 1)}
+    if is_lead_process():
+        write_marker(step_dir, record)
+    return read_marker(step_dir) or record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m launch.step <plan.json> <step>", file=sys.stderr)
+        return 2
+    try:
+        run_step(Plan.load(args[0]), args[1])
+    except MoeforgeError as e:
+        print(f"moeforge: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The DeepSeek-V4 model: embedding -> n_hc streams -> blocks -> hc_head -> norm -> head, plus MTP."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.balance import expert_load, sequence_balance_loss
+from model.block import Block
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.layout import SeqLayout
+from model.mhc import HyperConnection, HyperHead
+from model.moe import Experts, Gate, make_tid2eid
+from model.mtp import MTPBlock
+from model.norm import RMSNorm
+
+# Parameters/buffers kept in fp32 by `Transformer.cast_` (mHC, norms, sinks, ape, gate bias).
+FP32_PATTERN = re.compile(r"(^|\.)(hc_\w+|\w*norm)\.|(^|\.)(attn_sink|ape)$|\.gate\.bias$")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k at i predicts token i+2+k
+    balance_loss: torch.Tensor | None = None  # alpha already applied; None without learned routing
+    expert_loads: torch.Tensor | None = None  # [learned-routing layers (+MTP), E] token counts
+    indexer_loss: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(
+            Block(config, lt, mt) for lt, mt in zip(config.layer_types, config.mlp_layer_types, strict=True)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.hc_head = HyperHead(d, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_nextn_predict_layers))
+        self.init_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    def init_weights(self, seed: int | None = None) -> None:
+        """Spec §11.6 init; matrices ~ N(0, initializer_range). With `seed`, independent of the global RNG.
+
+        Values are drawn on the CPU and copied, so the result is the same on every device; meta tensors are
+        skipped (build on meta, `to_empty`, then call this).
+        """
+        init_module_(self, self.config, torch.Generator().manual_seed(seed) if seed is not None else None)
+
+    def cast_(self, dtype: torch.dtype) -> Transformer:
+        """Cast floating parameters to `dtype`, keeping mHC, norms, sinks, `ape` and the gate bias in fp32."""
+        for name, p in self.named_parameters():
+            if p.is_floating_point() and not FP32_PATTERN.search(name):
+                p.data = p.data.to(dtype)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *, with_mtp: bool = True):
+        """input_ids [B, S]; doc_ids [B, S] (equal ids in a run = one packed document) -> `ModelOutput`."""
+        cfg = self.config
+        batch, seq = input_ids.shape
+        layout = SeqLayout.build(batch, seq, input_ids.device, doc_ids)
+        emb = self.embed(input_ids)
+        ctx = ForwardContext(cfg, layout, emb.dtype)
+        streams = emb.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
+        routings = []
+        for layer in self.layers:
+            streams, routing = layer(streams, ctx, input_ids)
+            routings.append(routing)
+        logits = self.head(self.norm(self.hc_head(streams)))
+        mtp_logits = []
+        if with_mtp:
+            for k, block in enumerate(self.mtp):
+                later = F.pad(input_ids[:, 1 + k :], (0, min(1 + k, seq)))  # token i+1+k (0 past the end)
+                streams, hidden, routing = block(streams, self.embed(later), ctx)
+                mtp_logits.append(self.head(hidden))
+                routings.append(routing)
+        return ModelOutput(logits, mtp_logits, *self._balance(routings, batch))
+
+    def _balance(self, routings, batch: int):
+        cfg = self.config
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        used = [r for r in routings if r.learned or cfg.balance_loss_on_hash_layers]
+        loss = None
+        if used:
+            loss = cfg.balance_loss_alpha * sum(sequence_balance_loss(r, batch, e, k) for r in used)
+        learned = [expert_load(r, e) for r in routings if r.learned]
+        return loss, (torch.stack(learned) if learned else None)
+
+
+@torch.no_grad()
+def init_module_(root: nn.Module, cfg: ModelConfig, gen: torch.Generator | None = None) -> None:
+    """Initialise every non-meta parameter/buffer under `root` (hash tables numbered in module order)."""
+    std = cfg.initializer_range
+
+    def normal(t: torch.Tensor) -> None:
+        if not t.is_meta:
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32) * std)
+
+    def fill(t: torch.Tensor, value: float) -> None:
+        if not t.is_meta:
+            t.fill_(value)
+
+    hash_index = 0
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            normal(module.weight)
+        elif isinstance(module, RMSNorm):
+            fill(module.weight, 1.0)
+        elif isinstance(module, (HyperConnection, HyperHead)):
+            normal(module.fn)
+            fill(module.base, 0.0)
+            fill(module.scale, cfg.hc_scale_init)
+        elif isinstance(module, Experts):
+            for w in (module.w1, module.w2, module.w3):
+                normal(w)
+        elif isinstance(module, Gate):
+            normal(module.weight)
+            if not module.is_hash:
+                fill(module.bias, 0.0)
+            else:
+                if not module.tid2eid.is_meta:
+                    seed = cfg.tid2eid_seed + hash_index
+                    table = make_tid2eid(cfg.vocab_size, cfg.n_routed_experts, module.top_k, seed)
+                    module.tid2eid.copy_(table)
+                hash_index += 1
+        for name in ("attn_sink", "ape"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                fill(getattr(module, name), 0.0)

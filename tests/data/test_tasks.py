@@ -1,0 +1,81 @@
+import json
+import operator
+import re
+
+import pytest
+
+from data.tasks import load_tasks
+from data.tasks.records import FIELDS
+from model.errors import ConfigError, MoeforgeError
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+@pytest.mark.parametrize("domain", ["math", "code"])
+def test_deterministic_distinct_and_held_out_disjoint(domain):
+    train = load_tasks(domain, "train", 150, seed=1)
+    assert train == load_tasks(domain, "train", 150, seed=1)
+    assert train != load_tasks(domain, "train", 150, seed=2)
+    val = load_tasks(domain, "val", 20, seed=1) + load_tasks(domain, "val", 20, seed=5)
+    assert len({r["id"] for r in train}) == 150
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    other_seed_train = load_tasks(domain, "train", 150, seed=9)
+    assert not {r["prompt"] for r in other_seed_train} & {r["prompt"] for r in val}
+    for r in train + val:
+        assert tuple(r) == FIELDS and r["domain"] == domain and r["id"].startswith(domain + "-")
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_math_answers_are_correct(difficulty):
+    tasks = load_tasks("math", "train", 100, seed=0, difficulty=difficulty)
+    facts = set()
+    for r in tasks:
+        a, op, b, c = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)\. The answer is \\boxed\{(-?\d+)\}\.",
+                                   r["solution"]).groups()[:4]
+        assert OPS[op](int(a), int(b)) == int(c) == int(r["answer"]) >= 0
+        assert re.search(rf"\b{a}\b.*\b{b}\b", r["prompt"])
+        assert r["solution"].endswith(f"\\boxed{{{r['answer']}}}.")
+        assert r["tests"] == r["entry_point"] == ""
+        facts.add((a, op, b))
+    val = load_tasks("math", "val", 30, seed=0, difficulty=difficulty)
+    val_facts = {re.match(r"(\d+) ([-+*]) (\d+)", r["solution"]).groups() for r in val}
+    assert not facts & val_facts  # held out by arithmetic, not only by wording
+    with pytest.raises(MoeforgeError, match="domain.difficulty"):
+        load_tasks("math", "train", 5, difficulty=7)
+
+
+def test_code_references_pass_their_tests():
+    for r in load_tasks("code", "train", 200, seed=0) + load_tasks("code", "val", 30, seed=0):
+        assert r["solution"] == f"```python\n{r['answer']}```"
+        assert r["tests"].count("assert ") == 4 and r["entry_point"] in r["prompt"]
+        namespace = {}
+        exec(r["answer"], namespace)  # our own generated code
+        exec(r["tests"], namespace)
+        broken = r["answer"].replace("return ", "return None if True else ")
+        namespace = {}
+        exec(broken, namespace)
+        with pytest.raises(AssertionError):
+            exec(r["tests"], namespace)
+
+
+def test_too_many_tasks_is_an_error():
+    with pytest.raises(MoeforgeError, match="distinct code tasks"):
+        load_tasks("code", "val", 1000)
+
+
+def test_dataset_domain(tmp_path):
+    rows = [{"q": f"What is {i} squared?", "a": i * i, "sol": f"\\boxed{{{i * i}}}"} for i in range(30)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = {"path": str(tmp_path / "t.jsonl"), "prompt_field": "q", "answer_field": "a",
+            "cache_dir": str(tmp_path / "c"), "val_fraction": 0.3}
+    train, val = load_tasks("squares", "train", **opts), load_tasks("squares", "val", **opts)
+    assert len(train) + len(val) == 30 and val and not {r["id"] for r in train} & {r["id"] for r in val}
+    r = train[0]
+    assert tuple(r) == FIELDS and r["domain"] == "squares"
+    assert r["answer"] == str(int(r["prompt"].split()[2]) ** 2)
+    with_sol = load_tasks("squares", "train", n=4, solution_field="sol", **opts)
+    assert len(with_sol) == 4 and with_sol[0]["solution"] == f"\\boxed{{{with_sol[0]['answer']}}}"
+    with pytest.raises(MoeforgeError, match="domain.answer_field: column 'nope'"):
+        load_tasks("squares", "train", **{**opts, "answer_field": "nope"})
+    with pytest.raises(ConfigError, match="domain.path"):
+        load_tasks("squares", "train", prompt_field="q", answer_field="a")
