@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from data.cache import MANIFEST, PackedTokens, write_packed
 from data.config import DataConfig
 from data.loader import Loader
+from data.lock import file_lock
 from data.packing import pack
 from data.sources import make_source
 from data.tokenizer import build_tokenizer, tokenizer_hash
@@ -34,16 +35,22 @@ def packed_split(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, sour
     source = source or make_source(cfg)
     key = hashlib.sha256(f"1|{source.fingerprint()}|{tokenizer_hash(tok)}|{seq_len}|{split}".encode())
     path = cfg.cache_root() / "packed" / key.hexdigest()[:16]
-    if not (path / MANIFEST).is_file():
-        rows = pack(encode_documents(tok, source.documents(split)), seq_len)
-        first = next(rows, None)
-        if first is None:
-            raise MoeforgeError(f"data: split {split!r} of data.source={cfg.source} (data.path={cfg.path!r}) "
-                                "has no documents; check data.path, data.text_field and data.val_fraction")
-        log.info("packing %s split %s into %s", cfg.source, split, path)
-        write_packed(itertools.chain([first], rows), path, seq_len, tok.get_vocab_size(),
-                     meta={"source": cfg.source, "path": cfg.path, "split": split})
+    with file_lock(path.with_name(path.name + ".lock")):
+        if not (path / MANIFEST).is_file():
+            write_split(cfg, tok, split, seq_len, source, path)
     return PackedTokens(path)
+
+
+def write_split(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, source, path) -> None:
+    """Tokenise, pack and write one split; an empty split is an error."""
+    rows = pack(encode_documents(tok, source.documents(split)), seq_len)
+    first = next(rows, None)
+    if first is None:
+        raise MoeforgeError(f"data: split {split!r} of data.source={cfg.source} (data.path={cfg.path!r}) "
+                            "has no documents; check data.path, data.text_field and data.val_fraction")
+    log.info("packing %s split %s into %s", cfg.source, split, path)
+    write_packed(itertools.chain([first], rows), path, seq_len, tok.get_vocab_size(),
+                 meta={"source": cfg.source, "path": cfg.path, "split": split})
 
 
 @dataclass

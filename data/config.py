@@ -21,7 +21,7 @@ class DataConfig:
     path: str | None = None            # files: file, directory or glob; hf: dataset name or local dataset dir
     text_field: str = "text"           # text column of jsonl/parquet/hub data
     messages_field: str = "messages"   # conversation column of SFT data
-    split: str = "train"               # split of the source that training reads
+    split: str = "train"               # hf: the dataset split that training reads
     val_split: str | None = None       # hf: a held-out split name; null = hash hold-out of `split`
     name: str | None = None            # hub dataset config name
     streaming: bool = False            # hf: stream instead of downloading the whole dataset

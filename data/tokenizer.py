@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.config import DataConfig
+from data.lock import file_lock
 from model.errors import MoeforgeError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -113,8 +114,9 @@ def build_tokenizer(cfg: DataConfig, vocab_size: int, source=None) -> Tokenizer:
         source = make_source(cfg)
     key = hashlib.sha256(f"{FORMAT_VERSION}|{source.fingerprint()}|{vocab_size}|{cfg.max_bytes}".encode())
     path = cfg.cache_root() / "tokenizers" / key.hexdigest()[:16] / "tokenizer.json"
-    if path.is_file():
-        return load_tokenizer(path)
-    tok = train_tokenizer(sample_texts(source.documents("train"), int(cfg.max_bytes)), vocab_size)
-    save_tokenizer(tok, path)
+    with file_lock(path.parent.with_name(path.parent.name + ".lock")):
+        if path.is_file():
+            return load_tokenizer(path)
+        tok = train_tokenizer(sample_texts(source.documents("train"), int(cfg.max_bytes)), vocab_size)
+        save_tokenizer(tok, path)
     return tok

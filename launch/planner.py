@@ -39,11 +39,16 @@ def plan_pipeline(name: str, overrides: list[str]) -> Plan:
     raw = OmegaConf.to_container(cfg.pipeline, resolve=False) if cfg.get("pipeline") else None
     if not isinstance(raw, dict) or not isinstance(raw.get("steps"), list) or not raw["steps"]:
         raise ConfigError(f"{where}: steps", "must be a non-empty list of steps")
+    common = raw.get("overrides") or []
+    if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
+        raise ConfigError(f"{where}: overrides", "must be a list of strings")
     steps = order_steps([_step(i, s, where, run_dir) for i, s in enumerate(raw["steps"])], where)
     names = {s.name for s in steps}
     for step in steps:
         spec = get_stage(step.stage, f"{where}: step {step.name}: stage")
-        step.overrides = with_stage_key(spec, step.overrides + [o for o in overrides if _applies(o, spec)])
+        first = [o for o in common if _applies(o, spec)]  # the pipeline's, then the step's, then the user's
+        last = [o for o in overrides if _applies(o, spec)]
+        step.overrides = with_stage_key(spec, first + step.overrides + last)
         if step.input and spec.input_key is None:
             raise ConfigError(f"{where}: step {step.name}: input", f"stage {step.stage} takes no input")
         if step.input and step.input not in names:

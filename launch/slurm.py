@@ -14,7 +14,7 @@ from launch.launcher import LauncherConfig
 from launch.markers import stale_reason
 from launch.plan import Plan, Step
 from launch.procs import PASSED_ENV, REPO_ROOT
-from launch.step import resolve
+from launch.step import identity, resolve
 from model.errors import MoeforgeError
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
@@ -91,7 +91,7 @@ def _finished(plan: Plan, step: Step, ids: dict[str, str]) -> bool:
         overrides, inputs = resolve(plan, step)
     except MoeforgeError:
         return False
-    return stale_reason(Path(step.run_dir), overrides, inputs) is None
+    return stale_reason(Path(step.run_dir), identity(overrides), inputs) is None
 
 
 def job_states(ids: list[str]) -> dict[str, tuple[str, str]]:

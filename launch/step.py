@@ -58,16 +58,23 @@ def resolve(plan: Plan, step: Step) -> tuple[list[str], dict[str, str | None]]:
     return overrides, inputs
 
 
+def identity(overrides: list[str]) -> list[str]:
+    """The overrides that define a step's result: not where it ran (``launcher.*``) nor ``hydra.*``."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return [o for o, k in zip(overrides, keys) if k.split(".")[0] not in ("launcher", "hydra")]
+
+
 def run_step(plan: Plan, name: str) -> dict:
     """Run step ``name`` unless its marker shows it finished; returns its marker record."""
     step = plan.step(name)
     step_dir = Path(step.run_dir)
     overrides, inputs = resolve(plan, step)
-    reason = stale_reason(step_dir, overrides, inputs) if plan.skip_done else "always run"
+    reason = stale_reason(step_dir, identity(overrides), inputs) if plan.skip_done else "always run"
     if reason is None:
         print(f"[moeforge] step {name}: finished earlier, skipped", flush=True)
         return {**read_marker(step_dir), "skipped": True}
-    print(f"[moeforge] step {name} ({step.stage}) -> {step_dir}", flush=True)
+    why = f", re-run: {reason}" if reason not in ("not finished", "always run") else ""
+    print(f"[moeforge] step {name} ({step.stage}) -> {step_dir}{why}", flush=True)
     spec = get_stage(step.stage)
     cfg, _ = compose_stage(spec, overrides)
     lc = launcher_config(cfg)
@@ -82,7 +89,7 @@ def run_step(plan: Plan, name: str) -> dict:
         if subprocess.run(argv, env=job_env()).returncode != 0:
             raise MoeforgeError(f"step {name}: torchrun exited with an error; see {step_dir}")
         summary = json.loads((step_dir / "summary.json").read_text())
-    record = {"step": name, "stage": step.stage, "overrides": overrides, "inputs": inputs,
+    record = {"step": name, "stage": step.stage, "overrides": identity(overrides), "inputs": inputs,
               "checkpoint": summary.get("checkpoint"), "metrics": summary.get("metrics", {}),
               "summary": summary, "seconds": round(time.time() - started, 1)}
     if is_lead_process():

@@ -32,7 +32,8 @@ def attention_core(
         comp_logits = torch.einsum("bshc,btc->bhst", q_BSHC, comp_BTC) * scale
         parts.append(comp_logits.masked_fill(~comp_mask_BST.unsqueeze(1), float("-inf")))
     sink = sink_H.to(logits.dtype).view(1, h, 1, 1).expand(b, h, s, 1)
-    probs = torch.softmax(torch.cat([*parts, sink], dim=-1), dim=-1)[..., :-1].to(kv_BSC.dtype)
+    probs = torch.softmax(torch.cat([*parts, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    probs = probs.to(kv_BSC.dtype)
     out = torch.einsum("bhst,btc->bshc", probs[..., :s], kv_BSC)
     if comp_BTC is not None:
         out = out + torch.einsum("bhst,btc->bshc", probs[..., s:], comp_BTC)

@@ -18,11 +18,24 @@ def check_splits(shape: torch.Size, row_splits: tuple[int, ...] | None) -> tuple
     return splits
 
 
-def orthogonalize_many(specs: list[tuple]) -> list[torch.Tensor]:
+def _chunks(items: list, limit: int):
+    """Consecutive runs of items whose total numel stays <= limit (at least one item each)."""
+    run, size = [], 0
+    for item in items:
+        if run and size + item[2].numel() > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += item[2].numel()
+    if run:
+        yield run
+
+
+def orthogonalize_many(specs: list[tuple], max_batch_numel: int = 1 << 27) -> list[torch.Tensor]:
     """specs: (u, row_splits, update_rms, coeffs, ns_dtype) per parameter -> the scaled NS update of each.
 
     Blocks (one per row split and leading index) are bucketed by (rows, cols, dtype, device, coeffs,
-    ns_dtype), concatenated, orthogonalised as one batch, and put back in place.
+    ns_dtype), concatenated up to `max_batch_numel` elements, orthogonalised as one batch, and put back.
     """
     buckets: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
     outs, layouts = [], []
@@ -30,14 +43,15 @@ def orthogonalize_many(specs: list[tuple]) -> list[torch.Tensor]:
         splits = check_splits(u.shape, row_splits)
         layouts.append(splits)
         outs.append(torch.empty_like(u))
+        coeffs = tuple(tuple(c) for c in coeffs)
         for j, block in enumerate(u.split(splits, dim=-2)):
             key = (block.shape[-2], block.shape[-1], u.dtype, u.device, coeffs, ns_dtype)
             buckets.setdefault(key, []).append((i, j, block.reshape(-1, *block.shape[-2:])))
     for (rows, cols, _, _, coeffs, ns_dtype), items in buckets.items():
-        result = newton_schulz(torch.cat([b for _, _, b in items]), coeffs, ns_dtype)
-        for (i, j, _), o in zip(items, result.split([b.shape[0] for _, _, b in items])):
-            start = sum(layouts[i][:j])
-            scale = math.sqrt(max(rows, cols)) * specs[i][2]
-            target = outs[i].narrow(-2, start, rows)
-            target.copy_((o * scale).reshape(target.shape))
+        for chunk in _chunks(items, max_batch_numel):
+            result = newton_schulz(torch.cat([b for _, _, b in chunk]), coeffs, ns_dtype)
+            for (i, j, _), o in zip(chunk, result.split([b.shape[0] for _, _, b in chunk])):
+                scale = math.sqrt(max(rows, cols)) * specs[i][2]
+                target = outs[i].narrow(-2, sum(layouts[i][:j]), rows)
+                target.copy_((o * scale).reshape(target.shape))
     return outs

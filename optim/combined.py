@@ -9,6 +9,8 @@ import torch
 from model.errors import MoeforgeError
 
 FLAT_FORMAT = "moeforge-optim-v1"
+# Group options that describe this run's implementation, not training state: never taken from a checkpoint.
+RUNTIME_OPTIONS = {"params", "names", "fused", "foreach", "capturable", "differentiable"}
 
 
 def _jsonable(v):
@@ -92,14 +94,16 @@ class CombinedOptimizer:
         return tensors, {"format": FLAT_FORMAT, "groups": groups, "scalars": scalars}
 
     def load_flat_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, strict: bool = True) -> None:
-        """Inverse of flat_state_dict, matched by parameter name and group label (not by position)."""
+        """Inverse of flat_state_dict, matched by parameter name and group label (not by position).
+
+        strict: state for a parameter this run does not have (in that optimizer) is an error.
+        """
         if meta.get("format") != FLAT_FORMAT:
             raise MoeforgeError(f"optimizer state format {meta.get('format')!r}, expected {FLAT_FORMAT!r}")
         entries: dict[str, dict] = {}
         for key, v in [*tensors.items(), *meta.get("scalars", {}).items()]:
-            opt_name, rest = key.split("/", 1)
-            pname, sk = rest.rsplit("/", 1)
-            entries.setdefault(f"{opt_name}/{pname}", {})[sk] = v
+            param_key, state_key = key.rsplit("/", 1)
+            entries.setdefault(param_key, {})[state_key] = v
         known = {f"{k}/{n}" for k, o in self.optimizers.items() for g in o.param_groups for n in g["names"]}
         unknown = sorted(set(entries) - known)
         if strict and unknown:
@@ -107,15 +111,22 @@ class CombinedOptimizer:
                                 f"that way: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
         for k, o in self.optimizers.items():
             saved = {g["options"]["label"]: g["options"] for g in meta["groups"].get(k, [])}
-            sd = {"state": {}, "param_groups": []}
-            idx = 0
-            for g in o.param_groups:
-                opts = {key: v for key, v in g.items() if key != "params"}
-                opts.update({key: _like(v, g.get(key)) for key, v in saved.get(g["label"], {}).items()})
-                opts["params"] = list(range(idx, idx + len(g["params"])))
-                sd["param_groups"].append(opts)
-                for name in g["names"]:
-                    if f"{k}/{name}" in entries:
-                        sd["state"][idx] = dict(entries[f"{k}/{name}"])
-                    idx += 1
-            o.load_state_dict(sd)
+            o.load_state_dict(_torch_state_dict(k, o, entries, saved))
+
+
+def _torch_state_dict(key: str, opt: torch.optim.Optimizer, entries: dict, saved: dict) -> dict:
+    """torch's index-keyed state_dict for `opt`, built from name-keyed entries and label-keyed options."""
+    sd: dict = {"state": {}, "param_groups": []}
+    idx = 0
+    for g in opt.param_groups:
+        opts = {k: v for k, v in g.items() if k != "params"}
+        for k, v in saved.get(g["label"], {}).items():
+            if k not in RUNTIME_OPTIONS:
+                opts[k] = _like(v, g.get(k))
+        opts["params"] = list(range(idx, idx + len(g["params"])))
+        sd["param_groups"].append(opts)
+        for name in g["names"]:
+            if f"{key}/{name}" in entries:
+                sd["state"][idx] = dict(entries[f"{key}/{name}"])
+            idx += 1
+    return sd

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from model.errors import MoeforgeError
+from model.errors import ConfigError, MoeforgeError
 from optim.batched import check_splits, orthogonalize_many
 from optim.newton_schulz import hybrid_schedule, newton_schulz
 
@@ -34,7 +34,7 @@ def resolve_ns_dtype(ns_dtype: str | torch.dtype, device: torch.device) -> torch
     if ns_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if ns_dtype not in table:
-        raise MoeforgeError(f"optim.ns_dtype: expected auto, bf16 or fp32, got {ns_dtype!r}")
+        raise ConfigError("optim.ns_dtype", f"expected auto, bf16 or fp32, got {ns_dtype!r}")
     return table[ns_dtype]
 
 
@@ -118,6 +118,9 @@ class Muon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.batched = batched
+        self._check_params()
+
+    def _check_params(self) -> None:
         for group in self.param_groups:
             names = group.get("names") or [f"<param {i}>" for i in range(len(group["params"]))]
             for p, name in zip(group["params"], names):
@@ -129,6 +132,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_params()  # parallelism applied after construction must not slip shards in
         jobs = []  # (weight, u, group)
         for group in self.param_groups:
             mu = group["momentum"]

@@ -104,6 +104,12 @@ SECTIONS: dict[str, Any] = {
     "optim": "optim.config:OptimConfig",
 }
 REQUIRED = ("trainer", "checkpoint", "precision", "parallel", "logger")
+# sections of some stages only, validated when present (the post-training groups domain=, sft.*, grpo.*)
+OPTIONAL_SECTIONS: dict[str, Any] = {
+    "domain": "train.sft:DomainConfig",
+    "sft": "train.sft:SFTConfig",
+    "grpo": "rl.config:GRPOConfig",
+}
 
 
 def _schema(spec: Any, section: str) -> type | None:
@@ -230,26 +236,32 @@ def _check_paths(cfg: DictConfig) -> None:
         raise ConfigError("init", f"checkpoint {init} does not exist (no {MANIFEST} in it)")
 
 
-def validate(cfg: DictConfig, sections: tuple[str, ...] | None = None) -> DictConfig:
-    """Check the whole config tree; return a copy whose sections carry every default of their schema."""
+def validate(cfg: DictConfig, check_paths: bool = True) -> DictConfig:
+    """Check the whole config tree; return a copy whose sections carry every default of their schema.
+
+    `check_paths=False` skips the `resume`/`init` existence checks (a pipeline step's input that an earlier
+    step has not written yet)."""
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     for name in REQUIRED:
         if name not in cfg:
             raise ConfigError(name, "section missing (is the defaults list of config.yaml intact?)")
     for name, spec in SECTIONS.items():
-        if sections is not None and name not in sections:
-            continue
         if name not in cfg:
             raise ConfigError(name, "section missing from the config")
         cfg[name] = _merge(name, cfg[name], _schema(spec, name))
+    for name, spec in OPTIONAL_SECTIONS.items():
+        if name in cfg:
+            cfg[name] = _merge(name, cfg[name], _schema(spec, name))
     _check_train(cfg)
     _check_layout(cfg)
-    _check_paths(cfg)
+    if check_paths:
+        _check_paths(cfg)
     return cfg
 
 
 def to_object(cfg: DictConfig, section: str) -> Any:
     """The validated section as its dataclass instance (e.g. `TrainerConfig`)."""
     values = OmegaConf.to_container(cfg[section], resolve=True)
-    return _instantiate(section, _schema(SECTIONS[section], section), values)
+    spec = SECTIONS[section] if section in SECTIONS else OPTIONAL_SECTIONS[section]
+    return _instantiate(section, _schema(spec, section), values)

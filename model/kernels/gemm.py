@@ -25,28 +25,30 @@ def scaled_step(acc, a, b, sa, sb, SB_SCALAR: tl.constexpr):
 
 
 @triton.jit
-def mainloop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-             SB_SCALAR: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
-    """The K loop shared by the dense and the grouped kernel: returns the fp32 accumulator."""
+def mainloop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SB_SCALAR: tl.constexpr,
+             EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr = False):
+    """The K loop shared by the dense and the grouped kernel: returns the fp32 accumulator.
+    SPLIT=2 issues two FP8 products before promoting either; WS asks Triton to warp-specialise the loop."""
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     nk = tl.cdiv(K, BK)
-    for kb in range(0, nk, SPLIT):
+    for kb in tl.range(0, nk, SPLIT, warp_specialize=WS):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             a = tl.load(a_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
             b = tl.load(b_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
-        if SPLIT == 2:  # two FP8 products in flight before either is promoted
+        if SPLIT == 2:
             a1 = tl.load(a_ptrs + BK)
             b1 = tl.load(b_ptrs + BK)
             p0 = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
             p1 = tl.dot(a1, tl.trans(b1), out_dtype=tl.float32)
-            sa0 = tl.load(sa_ptrs + kb)
-            sa1 = tl.load(sa_ptrs + kb + 1)
-            sb0 = tl.load(sb_ptrs + kb)
-            sb1 = tl.load(sb_ptrs + kb + 1)
+            sa0 = tl.load(sa_ptrs + kb * s_sak)
+            sa1 = tl.load(sa_ptrs + (kb + 1) * s_sak)
+            sb0 = tl.load(sb_ptrs + kb * s_sbk)
+            sb1 = tl.load(sb_ptrs + (kb + 1) * s_sbk)
             if SB_SCALAR:
                 acc = acc + p0 * (sa0 * sb0)[:, None]
                 acc = acc + p1 * (sa1 * sb1)[:, None]
@@ -54,7 +56,8 @@ def mainloop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, BM: tl.constexpr, BN: tl.const
                 acc = acc + p0 * (sa0[:, None] * sb0[None, :])
                 acc = acc + p1 * (sa1[:, None] * sb1[None, :])
         else:
-            acc = scaled_step(acc, a, b, tl.load(sa_ptrs + kb), tl.load(sb_ptrs + kb), SB_SCALAR)
+            sa = tl.load(sa_ptrs + kb * s_sak)
+            acc = scaled_step(acc, a, b, sa, tl.load(sb_ptrs + kb * s_sbk), SB_SCALAR)
         a_ptrs += BK * SPLIT
         b_ptrs += BK * SPLIT
     return acc
@@ -72,9 +75,10 @@ def b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK: tl.constexpr, BN: tl.constex
 
 
 @triton.jit
-def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sbn,
+def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+               s_am, s_bn, s_cm, s_sam, s_sak, s_sbn, s_sbk,
                B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr):
     """Compute and store output tile number ``tile`` (grouped ordering for L2 reuse)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -89,8 +93,8 @@ def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
     b_ptrs = b_ptr + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
     sb_ptrs = b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK, BN)
-    acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, K, BM, BN, BK,
-                   B_BLOCK and BN <= 128, EVEN_K, SPLIT)
+    acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, s_sak, s_sbk, K, BM, BN, BK,
+                   B_BLOCK and BN <= 128, EVEN_K, SPLIT, WS)
     cm = pid_m * BM + tl.arange(0, BM)
     cn = pid_n * BN + tl.arange(0, BN)
     c_ptrs = c_ptr + cm[:, None].to(tl.int64) * s_cm + cn[None, :]
@@ -99,23 +103,24 @@ def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
-                     s_am, s_bn, s_cm, s_sam, s_sbn,
+                     s_am, s_bn, s_cm, s_sam, s_sak, s_sbn, s_sbk,
                      B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                     PERSISTENT: tl.constexpr):
+                     PERSISTENT: tl.constexpr, WS: tl.constexpr):
     """One tile per program, or (PERSISTENT) a fixed grid of programs striding over all tiles."""
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sbn,
-                       B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT)
+            _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sak,
+                       s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm,
-                   s_sam, s_sbn, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT)
+                   s_sam, s_sak, s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS)
 
 
 # Default launch configuration (H200 measurements in docs/benchmarks.md); interpreter uses small tiles.
-CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4, "PERSISTENT": 0}
+CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4, "PERSISTENT": 0,
+          "WS": 0}
 
 
 def _num_programs(tiles: int, persistent: int, device: torch.device) -> int:
@@ -157,9 +162,9 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
         return c
     grid = (_num_programs(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cfg["PERSISTENT"], a.device),)
     _fp8_gemm_kernel[grid](
-        a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0), sa.stride(0), sb.stride(0),
+        a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0), *sa.stride(), *sb.stride(),
         B_BLOCK=b_block, BM=cfg["BM"], BN=cfg["BN"], BK=GROUP, GROUP_M=cfg["GROUP_M"], EVEN_K=even_k,
-        SPLIT=split, PERSISTENT=bool(cfg["PERSISTENT"]), num_warps=cfg["num_warps"],
+        SPLIT=split, PERSISTENT=bool(cfg["PERSISTENT"]), WS=bool(cfg["WS"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return c

@@ -20,9 +20,9 @@ from .runtime import GROUP, cdiv, check_kernel_inputs
 
 @triton.jit
 def _fp8_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, offs_ptr, tend_ptr, N, K, E,
-                        s_am, s_be, s_bn, s_cm, s_sam, s_sbe, s_sbn,
+                        s_am, s_be, s_bn, s_cm, s_sam, s_sak, s_sbe, s_sbn, s_sbk,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr,
-                        EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+                        EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr):
     pid_n = tl.program_id(0)
     e, row0, row_end = segment_tile(tl.program_id(1), offs_ptr, tend_ptr, E, BLOCK_E, BM)
     if row_end > row0:
@@ -33,7 +33,8 @@ def _fp8_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, offs_ptr, tend_ptr,
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
         b_ptrs = b_ptr + e64 * s_be + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
         sb_ptrs = b_scale_ptrs(sb_ptr + e64 * s_sbe, pid_n, rn, s_sbn, True, BN)
-        acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, K, BM, BN, BK, BN <= 128, EVEN_K, SPLIT)
+        acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, s_sak, s_sbk, K, BM, BN, BK, BN <= 128,
+                       EVEN_K, SPLIT, WS)
         cm = row0 + tl.arange(0, BM)
         cn = pid_n * BN + tl.arange(0, BN)
         c_ptrs = c_ptr + cm[:, None].to(tl.int64) * s_cm + cn[None, :]
@@ -42,7 +43,7 @@ def _fp8_grouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, offs_ptr, tend_ptr,
 
 @triton.jit
 def _fp8_kgrouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, offs_ptr, tend_ptr, N, K,
-                         s_an, s_bk, s_ce, s_cn, s_san, s_sbk,
+                         s_an, s_bk, s_ce, s_cn, s_san, s_sat, s_sbk, s_sbt,
                          BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -62,8 +63,8 @@ def _fp8_kgrouped_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, offs_ptr, tend_ptr
         live = cols[None, :] < seg_end
         a = tl.load(a_ptr + rn[:, None].to(tl.int64) * s_an + cols[None, :], mask=live, other=0.0)
         b = tl.load(b_ptr + rk[:, None].to(tl.int64) * s_bk + cols[None, :], mask=live, other=0.0)
-        sa = tl.load(sa_ptr + rn * s_san + t)
-        sb = tl.load(sb_ptr + rk * s_sbk + t)
+        sa = tl.load(sa_ptr + rn * s_san + t * s_sat)
+        sb = tl.load(sb_ptr + rk * s_sbk + t * s_sbt)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * (sa[:, None] * sb[None, :])
     cn = pid_n * BN + tl.arange(0, BN)
     ck = pid_k * BK + tl.arange(0, BK)
@@ -98,9 +99,9 @@ def fp8_grouped_gemm(a, sa, b, sb, offs, *, out_dtype=torch.bfloat16, config=Non
     grid = (cdiv(n, cfg["BN"]), max_tiles(m, n_exp))
     _fp8_grouped_kernel[grid](
         a, b, c, sa, sb, offs, tile_ends(offs), n, k, n_exp,
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0), sa.stride(0), sb.stride(0), sb.stride(1),
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0), *sa.stride(), *sb.stride(),
         BM=GROUP, BN=cfg["BN"], BK=GROUP, BLOCK_E=block_e(n_exp), EVEN_K=even_k, SPLIT=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WS=bool(cfg["WS"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return c
 
@@ -122,7 +123,7 @@ def fp8_kgrouped_gemm(at, sat, bt, sbt, offs, *, out_dtype=torch.float32, config
     grid = (cdiv(n, cfg["BM"]) * cdiv(k, cfg["BN"]), n_exp)
     _fp8_kgrouped_kernel[grid](
         at, bt, c, sat, sbt, offs, tile_ends(offs), n, k,
-        at.stride(0), bt.stride(0), c.stride(0), c.stride(1), sat.stride(0), sbt.stride(0),
+        at.stride(0), bt.stride(0), c.stride(0), c.stride(1), *sat.stride(), *sbt.stride(),
         BN=cfg["BM"], BK=cfg["BN"], BT=GROUP, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return c

@@ -42,7 +42,7 @@ def scale_of(amax, POW2: tl.constexpr):
 def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end_ptr,
                   M, K, E, limit,
                   sx_b, sx_m, sx_k, su_m, su_k,
-                  sq_b, sq_m, ss_b, ss_m, sqt_b, sqt_k, sst_b, sst_k,
+                  sq_b, sq_m, ss_b, ss_m, ss_k, sqt_b, sqt_k, sst_b, sst_k, sst_m,
                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_T: tl.constexpr,
                   SWIGLU: tl.constexpr, SEGMENTED: tl.constexpr, POW2: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -71,18 +71,18 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
         s, inv = scale_of(tl.max(ax, axis=1), POW2)
         q = round_e4m3(x * inv[:, None]).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
-        tl.store(s_ptr + b * ss_b + rm64 * ss_m + pid_k, s, mask=rm < row_end)
+        tl.store(s_ptr + b * ss_b + rm64 * ss_m + pid_k * ss_k, s, mask=rm < row_end)
     if COLS:  # one scale per column of the tile (1x128 along M), written transposed
         s, inv = scale_of(tl.max(ax, axis=0), POW2)
         q = round_e4m3(x * inv[None, :]).to(qt_ptr.dtype.element_ty)
         tl.store(qt_ptr + b * sqt_b + rk[None, :].to(tl.int64) * sqt_k + rm64[:, None], q, mask=mask)
         live = (rk < K) & (rk * 0 + row0 < row_end)  # no scale for a tile past the last segment
-        tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m, s, mask=live)
+        tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m * sst_m, s, mask=live)
     if BLOCKS:  # one scale for the whole 128x128 tile; optionally its transpose too
         s, inv = scale_of(tl.max(tl.max(ax, axis=1), axis=0), POW2)
         q = round_e4m3(x * inv).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
-        tl.store(s_ptr + b * ss_b + pid_m * ss_m + pid_k, s)
+        tl.store(s_ptr + b * ss_b + pid_m * ss_m + pid_k * ss_k, s)
         if BLOCKS_T:
             tl.store(qt_ptr + b * sqt_b + rk[None, :].to(tl.int64) * sqt_k + rm64[:, None], q, mask=mask)
 
@@ -91,11 +91,19 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
 FP8 = torch.float8_e4m3fn
 
 
-def _strides(t, batched):
-    """(batch stride, row stride) of an optional output; zeros for an absent one."""
+def _strides(t, batched, last=False):
+    """(batch, row[, column]) strides of an optional output; zeros for an absent one."""
     if t is None:
-        return 0, 0
-    return (t.stride(0) if batched and t.dim() == 3 else 0), t.stride(-2)
+        return (0, 0, 0) if last else (0, 0)
+    out = ((t.stride(0) if batched and t.dim() == 3 else 0), t.stride(-2))
+    return (*out, t.stride(-1)) if last else out
+
+
+def _scales(rows: int, groups: int, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """fp32 scales [rows, groups] stored rows-fastest (stride (1, rows)), so that a GEMM reads the scales
+    of one K step for a tile of rows as one contiguous vector."""
+    make = torch.zeros if zero else torch.empty
+    return make((groups, rows), dtype=torch.float32, device=like.device).t()
 
 
 def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, tends=None, e=1,
@@ -108,7 +116,7 @@ def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, te
         m, k, e, float(limit),
         x.stride(0) if b3 else 0, x.stride(-2), x.stride(-1),
         up.stride(0) if up is not None else 0, up.stride(1) if up is not None else 0,
-        *_strides(q, b3), *_strides(s, b3), *_strides(qt, b3), *_strides(st, b3),
+        *_strides(q, b3), *_strides(s, b3, True), *_strides(qt, b3), *_strides(st, b3, True),
         ROWS=rows, COLS=cols, BLOCKS=blocks, BLOCKS_T=blocks and qt is not None, SWIGLU=up is not None,
         SEGMENTED=offs is not None, POW2=pow2, BM=bm, BK=bk, BLOCK_E=block_e(e),
         num_warps=8 if bm * bk >= GROUP * GROUP else 4,
@@ -121,11 +129,11 @@ def quantize_act(x: torch.Tensor, *, pow2: bool = False, transpose: bool = False
     m, k = x.shape
     if transpose:
         qt = x.new_empty((k, m), dtype=FP8)
-        st = x.new_empty((k, cdiv(m, GROUP)), dtype=torch.float32)
+        st = _scales(k, cdiv(m, GROUP), x)
         _launch(x, (cdiv(m, GROUP), cdiv(k, 64), 1), qt=qt, st=st, cols=True, pow2=pow2, bk=64)
         return qt, st
     q = x.new_empty((m, k), dtype=FP8)
-    s = x.new_empty((m, cdiv(k, GROUP)), dtype=torch.float32)
+    s = _scales(m, cdiv(k, GROUP), x)
     _launch(x, (cdiv(m, 32), cdiv(k, GROUP), 1), q=q, s=s, rows=True, pow2=pow2, bm=32)
     return q, s
 
@@ -140,9 +148,9 @@ def quantize_act_dual(x: torch.Tensor, *, pow2: bool = False, up: torch.Tensor |
     check_kernel_inputs(x)
     m, k = x.shape
     q = x.new_empty((m, k), dtype=FP8)
-    s = x.new_empty((m, cdiv(k, GROUP)), dtype=torch.float32)
+    s = _scales(m, cdiv(k, GROUP), x)
     qt = x.new_empty((k, m), dtype=FP8)
-    st = x.new_empty((k, cdiv(m, GROUP)), dtype=torch.float32)
+    st = _scales(k, cdiv(m, GROUP), x)
     _launch(x, (cdiv(m, GROUP), cdiv(k, GROUP), 1), up=up, q=q, s=s, qt=qt, st=st, rows=True, cols=True,
             limit=limit, pow2=pow2)
     return q, s, qt, st
@@ -157,7 +165,7 @@ def quantize_act_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2: bool = F
     e = offs.numel()
     nt = max_tiles(m, e)
     qt = torch.zeros((k, m), dtype=FP8, device=x.device)
-    st = x.new_zeros((k, nt), dtype=torch.float32)
+    st = _scales(k, nt, x, zero=True)
     _launch(x, (nt, cdiv(k, 64), 1), qt=qt, st=st, offs=offs, tends=tile_ends(offs), e=e, cols=True,
             pow2=pow2, bk=64)
     return qt, st

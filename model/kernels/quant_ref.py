@@ -20,8 +20,16 @@ def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 
 def scale_from_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
-    s = amax.float().clamp_min(AMAX_FLOOR) / E4M3_MAX
+    """amax / 448 correctly rounded (tensor / tensor: CUDA turns a division by a Python scalar into a
+    multiplication by its reciprocal, which can differ in the last bit)."""
+    a = amax.float().clamp_min(AMAX_FLOOR)
+    s = a / torch.full_like(a, E4M3_MAX)
     return pow2_ceil(s) if pow2 else s
+
+
+def inverse(s: torch.Tensor) -> torch.Tensor:
+    """1 / s, correctly rounded on every device."""
+    return torch.ones_like(s) / s
 
 
 def to_e4m3(y: torch.Tensor) -> torch.Tensor:
@@ -39,7 +47,7 @@ def quantize_rows_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor
     g = cdiv(k, GROUP)
     xp = _pad_to(x.float(), m, g * GROUP).view(m, g, GROUP)
     scale = scale_from_amax(xp.abs().amax(dim=2), pow2)
-    q = to_e4m3(xp * (1.0 / scale)[:, :, None])
+    q = to_e4m3(xp * inverse(scale)[:, :, None])
     return q.view(m, g * GROUP)[:, :k].contiguous(), scale
 
 
@@ -54,7 +62,7 @@ def quantize_blocks_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tens
     gn, gk = cdiv(n, GROUP), cdiv(k, GROUP)
     wp = _pad_to(w.float(), gn * GROUP, gk * GROUP).view(gn, GROUP, gk, GROUP)
     scale = scale_from_amax(wp.abs().amax(dim=(1, 3)), pow2)
-    q = to_e4m3(wp * (1.0 / scale)[:, None, :, None])
+    q = to_e4m3(wp * inverse(scale)[:, None, :, None])
     return q.view(gn * GROUP, gk * GROUP)[:n, :k].contiguous(), scale
 
 

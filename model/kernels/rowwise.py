@@ -8,13 +8,13 @@ BF16 ``torch._grouped_mm`` for the weight gradient; elsewhere a per-expert loop 
 
 import torch
 
-from .quant_ref import scale_from_amax, to_e4m3
+from .quant_ref import inverse, scale_from_amax, to_e4m3
 
 
 def quantize_rowwise(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, C] -> (q [R, C] e4m3, scale [R, 1] fp32), scale = amax(row) / 448."""
+    """x [R, C] -> (q [R, C] row-major e4m3, scale [R, 1] fp32), scale = amax(row) / 448."""
     scale = scale_from_amax(x.detach().abs().amax(dim=1, keepdim=True), pow2)
-    return to_e4m3(x.float() * (1.0 / scale)), scale
+    return to_e4m3(x.float() * inverse(scale)).contiguous(), scale
 
 
 def scaled_mm(aq, sa, bq, sb, out_dtype=torch.bfloat16):

@@ -55,3 +55,27 @@ def test_corrupt_manifest_is_named(tmp_path, rng):
     (path / "manifest.json").write_text(json.dumps({"shards": []}))
     with pytest.raises(MoeforgeError, match="manifest.json"):
         PackedTokens(path)
+
+
+def test_file_lock_is_exclusive(tmp_path):
+    import threading
+    import time
+
+    from data.lock import file_lock
+
+    events, held = [], threading.Event()
+
+    def first():
+        with file_lock(tmp_path / "x.lock"):
+            held.set()
+            events.append("a-start")
+            time.sleep(0.2)
+            events.append("a-end")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait()
+    with file_lock(tmp_path / "x.lock"):
+        events.append("b")
+    t.join()
+    assert events == ["a-start", "a-end", "b"]

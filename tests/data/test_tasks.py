@@ -5,7 +5,7 @@ import re
 import pytest
 
 from data.tasks import load_tasks
-from data.tasks.records import FIELDS
+from data.tasks.records import FIELDS, Draft, sample
 from model.errors import ConfigError, MoeforgeError
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -58,9 +58,14 @@ def test_code_references_pass_their_tests():
             exec(r["tests"], namespace)
 
 
-def test_too_many_tasks_is_an_error():
-    with pytest.raises(MoeforgeError, match="distinct code tasks"):
-        load_tasks("code", "val", 1000)
+def test_exhausted_task_space_is_an_error():
+    def draw(rng):
+        i = rng.randrange(10)
+        return Draft(key=str(i), split_key=str(i), prompt=f"p{i}", answer=str(i), solution=str(i))
+
+    assert len(sample("tiny", draw, "train", 10, seed=0, val_fraction=0.0)) == 10
+    with pytest.raises(MoeforgeError, match="only 10 distinct tiny tasks"):
+        sample("tiny", draw, "train", 11, seed=0, val_fraction=0.0)
 
 
 def test_dataset_domain(tmp_path):
@@ -79,3 +84,9 @@ def test_dataset_domain(tmp_path):
         load_tasks("squares", "train", **{**opts, "answer_field": "nope"})
     with pytest.raises(ConfigError, match="domain.path"):
         load_tasks("squares", "train", prompt_field="q", answer_field="a")
+
+
+@pytest.mark.parametrize("domain", ["math", "code"])
+def test_default_domain_sizes_are_available(domain):
+    """configs/domain/*.yaml ask for 2000 training and 128 held-out tasks."""
+    assert len(load_tasks(domain, "train", 2000)) == 2000 and len(load_tasks(domain, "val", 128)) == 128

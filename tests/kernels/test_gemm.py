@@ -11,7 +11,7 @@ from tests.kernels.helpers import assert_gemm_close, gemm_bound, pick, randn, re
 SHAPES = pick([(70, 200, 300), (64, 128, 512)], [(4096, 4096, 7168), (8192, 2048, 4096)])
 CONFIGS = pick([{"BM": 32, "BN": 64}, {"BM": 64, "BN": 256, "SPLIT": 2},
                 {"BM": 32, "BN": 32, "PERSISTENT": 1}],
-               [{}, {"BN": 256, "SPLIT": 2}, {"BM": 64, "num_warps": 4}, {"PERSISTENT": 1}])
+               [{}, {"SPLIT": 2, "num_stages": 3}, {"BM": 64, "num_warps": 4}, {"PERSISTENT": 1}])
 
 
 def operands(m, n, k, b_block=True, seed=0):

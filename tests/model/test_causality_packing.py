@@ -62,3 +62,5 @@ def test_packed_documents_match_separate_runs(layer_types):
             torch.testing.assert_close(got_mtp, alone.mtp_logits[0][0, : n - 1], rtol=0, atol=1e-5)
             start += n
     assert packed.logits.std() > 0.1
+    one_doc = model(ids, torch.full_like(ids, 7))
+    torch.testing.assert_close(one_doc.logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from v4_test_helpers import randomize_hf_, tiny_config_dict
 from safetensors.torch import save_file
+from v4_test_helpers import randomize_hf_, small_model_config, tiny_config_dict
 
+from model import Transformer
 from model.hf import load_hf, save_hf
 from model.transformer import FP32_PATTERN
 
@@ -85,7 +86,8 @@ def test_parity_both_ways(name, tmp_path):
     back, info = transformers.DeepseekV4ForCausalLM.from_pretrained(
         tmp_path / "ours", output_loading_info=True, experts_implementation="eager"
     )
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    problems = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    assert not any(info[k] for k in problems), info
     assert (back.eval()(ids).logits - logits).abs().max().item() < 1e-4
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["layer_types"] == d["layer_types"] and "balance_loss_alpha" not in config
@@ -108,7 +110,8 @@ def test_load_hf_native_names_and_bf16(tmp_path):
     native = tmp_path / "native"
     native.mkdir()
     (native / "config.json").write_text((tmp_path / "pretrained" / "config.json").read_text())
-    save_file({k: v.contiguous() for k, v in ref_model.state_dict().items()}, str(native / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in ref_model.state_dict().items()}
+    save_file(tensors, str(native / "model.safetensors"))
     got = load_hf(native).state_dict()
     non_mtp = [k for k in expected if not k.startswith("mtp.")]
     assert all(torch.equal(expected[k], got[k]) for k in non_mtp)
@@ -124,3 +127,48 @@ def test_load_hf_native_names_and_bf16(tmp_path):
     assert loaded.state_dict()["layers.1.ffn.gate.bias"].dtype == torch.float32
     out = loaded(torch.randint(0, d["vocab_size"], (1, 40)))
     assert torch.isfinite(out.logits.float()).all()
+
+
+@torch.no_grad()
+def test_load_official_style_config(tmp_path):
+    """Legacy keys of the official config.json: compress_ratios (L+1), num_hash_layers, rope_scaling."""
+    cfg = small_model_config(
+        [S, C, H],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        compress_rates={C: 4, H: 128},
+        partial_rotary_factor=0.5,
+    )
+    model = Transformer(cfg)
+    save_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters"):
+        config.pop(key)
+    config.pop("partial_rotary_factor")
+    yarn = {k: v for k, v in cfg.rope_parameters["compress"].items() if k not in ("rope_theta",)}
+    config.update(
+        compress_ratios=[0, 4, 128, 0],
+        num_hash_layers=1,
+        qk_rope_head_dim=12,
+        rope_scaling={"type": "yarn", **{k: yarn[k] for k in ("factor", "original_max_position_embeddings")}},
+    )
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_hf(tmp_path)
+    got = loaded.config
+    assert got.layer_types == cfg.layer_types and got.mlp_layer_types == cfg.mlp_layer_types
+    assert got.compress_rates == cfg.compress_rates and got.rope_head_dim == cfg.rope_head_dim
+    assert got.rope_parameters["compress"]["rope_type"] == "yarn"
+    assert got.rope_parameters["compress"]["factor"] == yarn["factor"]
+    ids = torch.randint(0, cfg.vocab_size, (1, 300))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_save_hf_writes_a_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_hf(Transformer(small_model_config([S])), tmp_path, tokenizer=tok)
+    loaded = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert loaded("w5 w7")["input_ids"] == [5, 7]
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 1

@@ -43,7 +43,8 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     opt2 = torch.optim.AdamW([{"params": net2[0].parameters(), "lr": 5.0},
                               {"params": net2[2].parameters(), "lr": 5.0}])
     ck = checkpoint.load(path, net2, opt2)
-    assert (ck.step, ck.state, ck.config, ck.tokenizer_hash) == (3, {"data": {"position": 12}}, {"a": 1}, "abc")
+    assert (ck.step, ck.state, ck.config) == (3, {"data": {"position": 12}}, {"a": 1})
+    assert ck.tokenizer_hash == "abc"
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
     assert [g["lr"] for g in opt2.param_groups] == [1e-2, 3e-3]
@@ -82,7 +83,7 @@ def test_flipped_byte_names_the_file(tmp_path, victim):
     target = path / victim
     data = bytearray(target.read_bytes())
     i = len(data) // 2
-    data[i] = (data[i] + 1) % 256 if victim != checkpoint.MANIFEST else ord("7" if data[i] != ord("7") else "8")
+    data[i] = data[i] ^ 0x01
     target.write_bytes(bytes(data))
     with pytest.raises(MoeforgeError, match=str(target)):
         checkpoint.load(path, _net(), None)

@@ -22,7 +22,7 @@ def test_token_macs_hand_counted(cfg):
     swa = 256
     csa = swa + 2 * 8 * 16 + (2 * 8 * 8 + 4 * 2 * 4 + 8 * 2)  # + CSA compressor + indexer
     hca = swa + 2 * 8 * 8
-    block = 2 * (8 * 16 + 16 + 32 + 16) + (8 * 4 + 3 * 3 * 8 * 6)  # mHC x2 sublayers + MoE (gate, 2+1 experts)
+    block = 2 * (8 * 16 + 16 + 32 + 16) + (8 * 4 + 3 * 3 * 8 * 6)  # mHC x2 + MoE (gate, 2+1 experts)
     head = 2 * 2 * 8 + 8 * 10
     mtp = (64 + 2 * 64) + swa + block + head
     assert FlopModel(cfg).token_macs() == swa + csa + hca + 3 * block + head + mtp == 5392
