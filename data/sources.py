@@ -119,7 +119,7 @@ class FileSource:
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
-    def values(self, split: str, field: str, convert: Convert, key: str = "data.text_field"
+    def values(self, split: str, field: str | None, convert: Convert, key: str = "data.text_field"
                ) -> Iterator[tuple[str, Any]]:
         """Yield `(file:row, convert(row[field]))` for the rows of `split`; None conversions are skipped."""
         check_split(split)
@@ -159,18 +159,17 @@ class HubSource:
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def load(self, split_name: str):
-        """The raw `datasets` split."""
+        """The raw `datasets` split (downloads go to the Hugging Face cache unless `data.extra.cache_dir`)."""
         import datasets
 
         c = self.cfg
         try:
-            return datasets.load_dataset(c.path, c.name, split=split_name, streaming=c.streaming,
-                                         cache_dir=str(c.cache_root() / "datasets"), **c.extra)
+            return datasets.load_dataset(c.path, c.name, split=split_name, streaming=c.streaming, **c.extra)
         except Exception as err:
             raise MoeforgeError(f"data.path: cannot load dataset {c.path!r} (name={c.name!r}, "
                                 f"split={split_name!r}): {type(err).__name__}: {err}") from err
 
-    def values(self, split: str, field: str, convert: Convert, key: str = "data.text_field"
+    def values(self, split: str, field: str | None, convert: Convert, key: str = "data.text_field"
                ) -> Iterator[tuple[str, Any]]:
         """Yield `(row, convert(row[field]))`; 'val' is `data.val_split` if set, else a hash hold-out."""
         check_split(split)

@@ -1,5 +1,7 @@
 """Byte-level BPE tokenizer: train one at the model's vocabulary size (cached), or load `tokenizer.json`.
 
+Digits are split into single-digit tokens before BPE (numbers never merge).
+
 Special tokens have fixed ids 0..6: `<|bos|>`=0 and `<|eos|>`=1 (DeepseekV4Config defaults), `<|pad|>`=2,
 `<|system|>`=3, `<|user|>`=4, `<|assistant|>`=5, `<|end|>`=6. Tokenizers returned here encode special-token
 strings inside text as plain bytes (`encode_special_tokens = True`), so data can never inject them; the
@@ -22,7 +24,7 @@ from model.errors import MoeforgeError
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END = range(len(SPECIAL_TOKENS))
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 1
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def sample_texts(documents: Iterable[tuple[str, str]], max_bytes: int) -> list[str]:
@@ -43,7 +45,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         raise MoeforgeError(f"model.vocab_size: a byte-level tokenizer needs at least {MIN_VOCAB} tokens, "
                             f"got {vocab_size}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit: arithmetic generalises better
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -82,22 +82,44 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
 
-    def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Reference loop over the experts that received tokens."""
-        out = torch.zeros_like(x_ND)
+    def forward(
+        self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor, impl: str | None = None
+    ) -> torch.Tensor:
+        """Sort (token, slot) pairs by expert, run each expert on its rows, scatter back weighted.
+
+        `impl`: "grouped" (`torch._grouped_mm`, CUDA) or "loop" (reference); default: grouped where usable.
+        """
         flat = indices_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.w1.shape[0])
         token = order // indices_NK.shape[1]
-        w = weights_NK.reshape(-1)[order]
-        start = 0
+        rows = x_ND[token]
+        impl = impl or ("grouped" if self.grouped_usable(rows) else "loop")
+        if impl == "grouped":
+            y = self.grouped(rows, torch.cumsum(counts, 0).to(torch.int32))
+        else:
+            y = self.loop(rows, counts.tolist())
+        y = y * weights_NK.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token, y.to(x_ND.dtype))
+
+    def grouped_usable(self, rows: torch.Tensor) -> bool:
+        aligned = all(n * rows.element_size() % 16 == 0 for n in self.w2.shape[1:])
+        return hasattr(torch, "_grouped_mm") and rows.is_cuda and rows.dtype == torch.bfloat16 and aligned
+
+    def loop(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Reference: one SwiGLU per expert on its contiguous block of rows."""
+        outs, start = [], 0
         for e, n in enumerate(counts):
-            if n:
-                tok = token[start : start + n]
-                y = swiglu(x_ND[tok], self.w1[e], self.w3[e], self.w2[e], self.limit)
-                out.index_add_(0, tok, (y * w[start : start + n, None]).to(out.dtype))
+            outs.append(swiglu(rows[start : start + n], self.w1[e], self.w3[e], self.w2[e], self.limit))
             start += n
-        return out
+        return torch.cat(outs) if outs else rows.new_zeros(0, self.w2.shape[1])
+
+    def grouped(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The same with three `torch._grouped_mm` calls (offs: cumulative row ends, int32)."""
+        w1, w3, w2 = (w.to(rows.dtype) for w in (self.w1, self.w3, self.w2))
+        gate = torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offs).clamp(max=self.limit)
+        up = torch._grouped_mm(rows, w3.transpose(-2, -1), offs=offs).clamp(min=-self.limit, max=self.limit)
+        return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
 
 
 class SharedExpert(nn.Module):

@@ -33,6 +33,8 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    """`Transformer(config)(input_ids, doc_ids=None)` -> `ModelOutput`; names as in docs/interfaces.md."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

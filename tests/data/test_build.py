@@ -119,3 +119,22 @@ def test_data_config(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path))
     assert DataConfig().cache_root() == tmp_path
     assert DataConfig(cache_dir="/x").cache_root() == Path("/x")
+
+
+def test_concurrent_builders_share_one_cache(tmp_path):
+    """Two processes (as two ranks would) build the same cache at once: one builds, both read it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data import DataConfig, build_pretrain_data; "
+            "d = build_pretrain_data(DataConfig(cache_dir=sys.argv[2], max_bytes=50000, max_documents=6, "
+            "val_fraction=0.0), vocab_size=400, seq_len=32, batch_size=2); "
+            "print(d.train.dataset.path, d.train.next_batch()['input_ids'].sum().item())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
+    assert len(list((tmp_path / "packed").glob("*/manifest.json"))) == 1
+    assert not list((tmp_path / "packed").glob(".*tmp"))
+    assert len(list(tmp_path.glob("tokenizers/*/*.json"))) == 1

@@ -69,7 +69,8 @@ def test_hub_source_through_load_dataset(tmp_path):
     d.mkdir()
     write_jsonl(d / "train.jsonl", [{"text": t} for t in TEXTS])
     write_jsonl(d / "validation.jsonl", [{"text": "held out"}])
-    base = {"source": "hf", "path": str(d), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25}
+    base = {"source": "hf", "path": str(d), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25,
+            "extra": {"cache_dir": str(tmp_path / "hf-cache")}}
     held = HubSource(DataConfig(**base))
     train, val = (list(held.documents(s)) for s in ("train", "val"))
     assert sorted(t for _, t in train + val) == sorted(TEXTS) and val

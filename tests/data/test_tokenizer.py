@@ -31,10 +31,11 @@ def test_special_ids_and_vocab_size(tok):
 
 
 def test_round_trip_and_specials_in_text_stay_text(tok):
-    text = "def f(x):\n\treturn x  # héllo 世界 🙂\n<|eos|> <|user|>"
-    ids = tok.encode(text).ids
-    assert not set(ids) & set(range(7))
-    assert tok.decode(ids) == text
+    text = "def f(x):\n\treturn x  # héllo 世界 🙂\n<|eos|> <|user|> 12 + 3405 = 3417"
+    enc = tok.encode(text)
+    assert not set(enc.ids) & set(range(7))
+    assert tok.decode(enc.ids) == text
+    assert [t for t in enc.tokens if any(c.isdigit() for c in t)] == list("12") + list("3405") + list("3417")
 
 
 def test_cache_hit_and_key(small_cfg, tok):
