@@ -69,22 +69,60 @@ def divergence(
     raise ConfigError("distill.kind", f"{kind!r} is not one of {KINDS}")
 
 
-def chunked_divergence(
-    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, cfg: DistillLossConfig
-) -> torch.Tensor:
-    """``divergence`` computed ``cfg.chunk_rows`` positions at a time with bounded memory; [B, T]."""
+def _chunked(student_logits_BTV: torch.Tensor, teacher_chunk, cfg: DistillLossConfig) -> torch.Tensor:
+    """Per-position divergence, ``cfg.chunk_rows`` flattened positions at a time; ``teacher_chunk(i, j)``
+    gives the (detached) teacher logits of positions ``i:j``."""
     lead = student_logits_BTV.shape[:-1]
     s = student_logits_BTV.reshape(-1, student_logits_BTV.shape[-1])
-    t = teacher_logits_BTV.detach().reshape(s.shape)
     args = (cfg.kind, cfg.beta, cfg.temperature)
     parts = []
     for i in range(0, s.shape[0], cfg.chunk_rows):
-        sc, tc = s[i : i + cfg.chunk_rows], t[i : i + cfg.chunk_rows]
+        sc, tc = s[i : i + cfg.chunk_rows], teacher_chunk(i, i + cfg.chunk_rows).detach()
         if torch.is_grad_enabled() and sc.requires_grad:
             parts.append(checkpoint(divergence, sc, tc, *args, use_reentrant=False))
         else:
             parts.append(divergence(sc, tc, *args))
     return torch.cat(parts).view(lead)
+
+
+def chunked_divergence(
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, cfg: DistillLossConfig
+) -> torch.Tensor:
+    """``divergence`` computed ``cfg.chunk_rows`` positions at a time with bounded memory; [B, T]."""
+    t = teacher_logits_BTV.detach().reshape(-1, teacher_logits_BTV.shape[-1])
+    return _chunked(student_logits_BTV, lambda i, j: t[i:j], cfg)
+
+
+def head_chunked_divergence(
+    student_logits_BTV: torch.Tensor, teacher_hidden_BTH: torch.Tensor, teacher_head, cfg: DistillLossConfig
+) -> torch.Tensor:
+    """``chunked_divergence`` where the teacher's logits are rebuilt chunk by chunk from its final hidden
+    states through ``teacher_head`` ([N, H] -> [N, V]), so at most ``chunk_rows`` rows of teacher logits
+    exist at once (V4 keeps only teacher hidden states); [B, T]."""
+    h = teacher_hidden_BTH.detach().reshape(-1, teacher_hidden_BTH.shape[-1])
+
+    def teacher_chunk(i: int, j: int) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher_head(h[i:j]).to(student_logits_BTV.device)
+
+    return _chunked(student_logits_BTV, teacher_chunk, cfg)
+
+
+def head_chunked_token_logprobs(
+    teacher_hidden_BTH: torch.Tensor, teacher_head, tokens_BT: torch.Tensor, chunk_rows: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The teacher's log-probabilities of ``tokens_BT`` under ``log_softmax(logits / temperature)``, its
+    logits rebuilt ``chunk_rows`` rows at a time from its hidden states (no gradient); [B, T]."""
+    h = teacher_hidden_BTH.detach().reshape(-1, teacher_hidden_BTH.shape[-1])
+    tok = tokens_BT.reshape(-1)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, h.shape[0], chunk_rows):
+            logits = teacher_head(h[i : i + chunk_rows]).to(tok.device).float()
+            lp = F.log_softmax(logits / temperature, dim=-1)
+            parts.append(lp.gather(1, tok[i : i + chunk_rows, None]).squeeze(1))
+    return torch.cat(parts).view(tokens_BT.shape)
 
 
 def distill_loss(

@@ -98,3 +98,7 @@ def _target(words: list[str]) -> tuple[str | None, str | None, list[str]]:
     if "=" in words[0]:
         raise MoeforgeError(f"stage: the first word must be a stage ({', '.join(STAGES)}) or pipeline=<name>")
     return words[0], None, words[1:]
+
+
+if __name__ == "__main__":
+    main()

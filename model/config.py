@@ -75,7 +75,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 1
+    eos_token_id: Any = 1  # int or list of ints (Any keeps the dataclass an OmegaConf schema)
     pad_token_id: int | None = None
     # training-only (not in config.json)
     balance_loss_alpha: float = 1e-4

@@ -23,7 +23,7 @@ from train import checkpoint, rng
 from train.config import to_object
 from train.flops import FlopModel, doc_lengths, peak_flops
 from train.guard import SpikeGuard, Verdict
-from train.losses import IGNORE, cross_entropy, lm_and_mtp_loss
+from train.losses import IGNORE, cross_entropy, label_counts, lm_and_mtp_loss
 from train.metrics import MetricsLogger
 from train.precision import apply_fp8, autocast, resolve_device, resolve_precision
 from train.recompute import enable_activation_checkpointing
@@ -131,20 +131,33 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_step(self, batch: Batch, mtp_weight: float) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; the loss is scaled for gradient accumulation."""
+    def micro_step(self, batch: Batch, mtp_weight: float, counts: list[int]) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch. CE sums are divided by the whole step's target counts
+        and per-batch means by `grad_accum`, so accumulation equals one batch of the summed size."""
         with autocast(self.precision, self.device):
             out = self.model(batch["input_ids"], batch["doc_ids"])
-        lm, mtp = lm_and_mtp_loss(out.logits, out.mtp_logits, batch["labels"], batch["doc_ids"])
-        parts = {"loss": lm, "mtp_loss": mtp, "balance_loss": out.balance_loss,
-                 "indexer_loss": out.indexer_loss}
+        lm, mtp = lm_and_mtp_loss(out.logits, out.mtp_logits, batch["labels"], batch["doc_ids"], counts)
+        n = self.t.grad_accum
+        parts = {"loss": lm, "mtp_loss": mtp,
+                 "balance_loss": out.balance_loss / n if out.balance_loss is not None else None,
+                 "indexer_loss": out.indexer_loss / n if out.indexer_loss is not None else None}
         weights = {"mtp_loss": mtp_weight, "balance_loss": 1.0, "indexer_loss": 1.0}
         total = lm + sum(w * parts[k] for k, w in weights.items() if parts[k] is not None)
-        (total / self.t.grad_accum).backward()
+        total.backward()
         found = {k: v.detach().float() for k, v in parts.items() if v is not None}
         if out.expert_loads is not None:
             found["expert_loads"] = out.expert_loads.detach().float()
         return found
+
+    def accumulate(self, batches: list[Batch], mtp_weight: float) -> dict[str, torch.Tensor]:
+        """Forward and backward of a step's micro-batches (gradients add up in `.grad`); summed metrics."""
+        depths = self.model_cfg.num_nextn_predict_layers
+        counts = [sum(c) for c in zip(*(label_counts(b["labels"], b["doc_ids"], depths) for b in batches))]
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            for k, v in self.micro_step(self._to_device(batch), mtp_weight, counts).items():
+                sums[k] = sums[k] + v if k in sums else v
+        return sums
 
     def train_step(self) -> dict:
         """Take step `self.step + 1`; return its metrics record."""
@@ -154,16 +167,12 @@ class Trainer:
         mtp_weight = t.mtp_weight_decay_phase if self.schedule.in_decay(step) else t.mtp_weight
         sparse = self._attention_phase(step)
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        lengths: list[int] = []
-        for _ in range(t.grad_accum):
-            batch = self._to_device(self.data.train.next_batch())
-            lengths += doc_lengths(batch["doc_ids"].cpu())
-            for k, v in self.micro_step(batch, mtp_weight).items():
-                sums[k] = sums[k] + v if k in sums else v
+        batches = [self.data.train.next_batch() for _ in range(t.grad_accum)]
+        lengths = [n for b in batches for n in doc_lengths(b["doc_ids"])]
+        sums = self.accumulate(batches, mtp_weight)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        loss, grad_norm = (sums["loss"] / t.grad_accum).item(), grad_norm.item()
+        loss, grad_norm = sums["loss"].item(), grad_norm.item()
         verdict = self.guard.check(loss, grad_norm)
         if verdict is Verdict.OK:
             self.optimizer.step()
@@ -180,7 +189,7 @@ class Trainer:
         record["mfu"] = flops / elapsed / self.peak if self.peak else None
         for k in ("mtp_loss", "balance_loss", "indexer_loss"):
             if k in sums:
-                record[k] = (sums[k] / t.grad_accum).item()
+                record[k] = sums[k].item()
         if "expert_loads" in sums:
             balance = expert_balance(sums["expert_loads"])
             record.update(expert_balance=balance, expert_balance_max=max(balance))

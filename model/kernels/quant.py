@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .grouping import block_e, check_offsets, max_tiles, segment_tile, tile_ends
-from .runtime import GROUP, cdiv, check_kernel_inputs
+from .runtime import GROUP, cdiv, check_kernel_inputs, interpreting
 
 
 @triton.jit
@@ -30,6 +30,15 @@ def round_e4m3(y):
 
 
 @triton.jit
+def to_e4m3(y, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """y as E4M3: the hardware cast (round-to-nearest-even, saturating) or the exact emulation above (the
+    interpreter's own cast truncates)."""
+    if NATIVE:
+        return tl.minimum(tl.maximum(y, -448.0), 448.0).to(dtype)
+    return round_e4m3(y).to(dtype)
+
+
+@triton.jit
 def scale_of(amax, POW2: tl.constexpr):
     """(scale, 1/scale) from a group's amax, as quant_ref.scale_from_amax."""
     s = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
@@ -44,7 +53,7 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
                   sx_b, sx_m, sx_k, su_m, su_k,
                   sq_b, sq_m, ss_b, ss_m, ss_k, sqt_b, sqt_k, sst_b, sst_k, sst_m,
                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_T: tl.constexpr,
-                  SWIGLU: tl.constexpr, SEGMENTED: tl.constexpr, POW2: tl.constexpr,
+                  SWIGLU: tl.constexpr, SEGMENTED: tl.constexpr, POW2: tl.constexpr, NATIVE: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,18 +78,18 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
     ax = tl.abs(x)
     if ROWS:  # one scale per row of the tile (1x128 along K)
         s, inv = scale_of(tl.max(ax, axis=1), POW2)
-        q = round_e4m3(x * inv[:, None]).to(q_ptr.dtype.element_ty)
+        q = to_e4m3(x * inv[:, None], q_ptr.dtype.element_ty, NATIVE)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
         tl.store(s_ptr + b * ss_b + rm64 * ss_m + pid_k * ss_k, s, mask=rm < row_end)
     if COLS:  # one scale per column of the tile (1x128 along M), written transposed
         s, inv = scale_of(tl.max(ax, axis=0), POW2)
-        q = round_e4m3(x * inv[None, :]).to(qt_ptr.dtype.element_ty)
+        q = to_e4m3(x * inv[None, :], qt_ptr.dtype.element_ty, NATIVE)
         tl.store(qt_ptr + b * sqt_b + rk[None, :].to(tl.int64) * sqt_k + rm64[:, None], q, mask=mask)
         live = (rk < K) & (rk * 0 + row0 < row_end)  # no scale for a tile past the last segment
         tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m * sst_m, s, mask=live)
     if BLOCKS:  # one scale for the whole 128x128 tile; optionally its transpose too
         s, inv = scale_of(tl.max(tl.max(ax, axis=1), axis=0), POW2)
-        q = round_e4m3(x * inv).to(q_ptr.dtype.element_ty)
+        q = to_e4m3(x * inv, q_ptr.dtype.element_ty, NATIVE)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
         tl.store(s_ptr + b * ss_b + pid_m * ss_m + pid_k * ss_k, s)
         if BLOCKS_T:
@@ -89,6 +98,11 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
 
 
 FP8 = torch.float8_e4m3fn
+NATIVE_CAST: bool | None = None  # None: the hardware cast on GPUs, the exact emulation in the interpreter
+
+
+def native_cast() -> bool:
+    return (not interpreting()) if NATIVE_CAST is None else NATIVE_CAST
 
 
 def _strides(t, batched, last=False):
@@ -100,10 +114,10 @@ def _strides(t, batched, last=False):
 
 
 def _scales(rows: int, groups: int, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
-    """fp32 scales [rows, groups] stored rows-fastest (stride (1, rows)), so that a GEMM reads the scales
-    of one K step for a tile of rows as one contiguous vector."""
+    """fp32 scales [rows, groups], groups fastest. (Rows-fastest storage, which makes a tile's scales one
+    contiguous load, measured slower in the GEMM: docs/benchmarks.md, run 2.)"""
     make = torch.zeros if zero else torch.empty
-    return make((groups, rows), dtype=torch.float32, device=like.device).t()
+    return make((rows, groups), dtype=torch.float32, device=like.device)
 
 
 def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, tends=None, e=1,
@@ -118,7 +132,7 @@ def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, te
         up.stride(0) if up is not None else 0, up.stride(1) if up is not None else 0,
         *_strides(q, b3), *_strides(s, b3, True), *_strides(qt, b3), *_strides(st, b3, True),
         ROWS=rows, COLS=cols, BLOCKS=blocks, BLOCKS_T=blocks and qt is not None, SWIGLU=up is not None,
-        SEGMENTED=offs is not None, POW2=pow2, BM=bm, BK=bk, BLOCK_E=block_e(e),
+        SEGMENTED=offs is not None, POW2=pow2, NATIVE=native_cast(), BM=bm, BK=bk, BLOCK_E=block_e(e),
         num_warps=8 if bm * bk >= GROUP * GROUP else 4,
     )
 

@@ -38,8 +38,10 @@ def test_order_errors_name_the_field(steps, key):
 
 def test_sweep_grid():
     points = expand(["optim.lr=1e-3,3e-3", "model=v4-tiny", "+x=range(0,2)"])
-    assert points == [["optim.lr=0.001", "model=v4-tiny", "+x=0"], ["optim.lr=0.001", "model=v4-tiny", "+x=1"],
-                      ["optim.lr=0.003", "model=v4-tiny", "+x=0"], ["optim.lr=0.003", "model=v4-tiny", "+x=1"]]
+    assert points == [["optim.lr=0.001", "model=v4-tiny", "+x=0"],
+                      ["optim.lr=0.001", "model=v4-tiny", "+x=1"],
+                      ["optim.lr=0.003", "model=v4-tiny", "+x=0"],
+                      ["optim.lr=0.003", "model=v4-tiny", "+x=1"]]
     assert expand(["a=1"]) == [["a=1"]]
 
 

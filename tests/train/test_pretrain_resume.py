@@ -69,6 +69,7 @@ def test_sigkill_then_resume_auto_matches_a_straight_run(tmp_path):
     shutil.copytree(latest, resumed / "checkpoints" / "step-9")
     (resumed / "checkpoints" / "step-9" / MANIFEST).unlink()
     _run(resumed)
+    assert f"resumed from {latest} at step {EVERY}" in (resumed / "pretrain.log").read_text()
 
     a, b = _by_step(straight), _by_step(resumed)
     for step in range(1, STEPS + 1):

@@ -1,0 +1,52 @@
+"""Bad command lines fail before anything starts, with a message naming the key or path."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.cli import main
+
+
+def fails(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "trainer.max_stpes=3"], "trainer.max_stpes: unknown key"),
+    (["pretrain", "trainer.max_steps=three"], "trainer.max_steps: expected an int"),
+    (["pretrain", "optim.lr=[1,2]"], "optim.lr: expected a float"),
+    (["pretrain", "launcher.nproc_per_node=two"], "launcher.nproc_per_node: expected an int"),
+    (["pretrain", "model=v4-huge"], "model: no option 'v4-huge'"),
+    (["pretrian"], "unknown stage 'pretrian'"),
+    (["pipeline=nope"], "pipeline: no option 'nope'"),
+    (["pipeline=smoke", "trainer.seq_lne=8"], "trainer.seq_lne: unknown key"),
+    (["pipeline=smoke", "launcher=slurm", "launcher.nodes=zero"], "launcher.nodes: expected an int"),
+    (["--multirun", "model-info", "model.hidden_size=64,abc"], "model.hidden_size: expected an int"),
+    (["--fast", "model-info"], "unknown option --fast"),
+])
+def test_bad_override_names_the_key(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    err = fails(capsys, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert message in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_missing_input_checkpoint_names_the_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-such-checkpoint"
+    err = fails(capsys, "pretrain", f"init={missing}", f"hydra.run.dir={tmp_path}/run")
+    assert f"init: checkpoint {missing} does not exist" in err
+    err = fails(capsys, "pipeline=smoke", f"init={missing}", f"hydra.run.dir={tmp_path}/run")
+    assert f"init: checkpoint {missing} does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_stages_and_pipelines(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "model-info" in out and "smoke" in out and "pipeline=<name>" in out

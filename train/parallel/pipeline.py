@@ -1,0 +1,133 @@
+"""Pipeline parallelism: the V4 stack split into stages for `torch.distributed.pipelining`.
+
+Stage 0 holds the embedding (and embeds the MTP's later tokens, which travel with the 4-stream mHC state);
+the last stage holds hc_head, norm, head and the MTP blocks. `input_ids`/`doc_ids` reach every stage as
+keyword arguments (hash routing and the packed-document layout need them). Each stage's sequence-wise
+balance loss enters the backward through `AuxLoss` on its output, so no scalar crosses stages.
+Stage modules keep the global parameter names (`layers.<i>.`, `mtp.<k>.`), so checkpoints do not depend
+on the split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.context import ForwardContext
+from model.layout import SeqLayout
+from model.transformer import Transformer
+from train.parallel.layout import SCHEDULES, Layout
+from train.parallel.loss import GlobalCounts, LossParts, lm_objective, sequence_share
+
+
+def split_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous, as even as possible; earlier stages take the extra layers (the last one has the head
+    and the MTP blocks)."""
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class AuxLoss(torch.autograd.Function):
+    """Identity on `x`; in backward, `aux` receives gradient `scale` (adds scale * aux to the loss)."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale: float):
+        ctx.scale, ctx.shape, ctx.dtype = scale, aux.shape, aux.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full(ctx.shape, ctx.scale, dtype=ctx.dtype, device=grad.device), None
+
+
+class StageModule(nn.Module):
+    """Layers `layer_ids` of `model` (plus embedding on the first stage, heads and MTP on the last)."""
+
+    def __init__(self, model: Transformer, stage: int, n_stages: int, layer_ids: range):
+        super().__init__()
+        self.config = model.config
+        self.stage, self.is_first, self.is_last = stage, stage == 0, stage == n_stages - 1
+        self.embed = model.embed if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+        if self.is_last:
+            self.hc_head, self.norm, self.head, self.mtp = model.hc_head, model.norm, model.head, model.mtp
+        self.counts: GlobalCounts | None = None  # set by the step before the schedule runs
+        self.parts = LossParts()
+        self.loads: torch.Tensor | None = None  # this stage's expert loads, summed over microbatches
+        self.mtp_weight = 0.0
+
+    def _n_mtp(self) -> int:
+        return self.config.num_nextn_predict_layers
+
+    def forward(self, *args: torch.Tensor, input_ids: torch.Tensor, doc_ids: torch.Tensor):
+        cfg = self.config
+        batch, seq = input_ids.shape
+        if self.is_first:
+            streams = self.embed(input_ids).unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
+            later = [self.embed(F.pad(input_ids[:, 1 + k :], (0, min(1 + k, seq)))) for k in range(self._n_mtp())]
+        else:
+            streams, later = args[0], list(args[1:])
+        ctx = ForwardContext(cfg, SeqLayout.build(batch, seq, input_ids.device, doc_ids), streams.dtype)
+        routings = []
+        for layer in self.layers.values():
+            streams, routing = layer(streams, ctx, input_ids)
+            routings.append(routing)
+        if not self.is_last:
+            return self._with_aux(streams, routings, batch), *[e.clone() for e in later]
+        logits = [self.head(self.norm(self.hc_head(streams)))]
+        for block, emb in zip(self.mtp, later):
+            streams, hidden, routing = block(streams, emb, ctx)
+            logits.append(self.head(hidden))
+            routings.append(routing)
+        logits[0] = self._with_aux(logits[0], routings, batch)
+        return tuple(logits)
+
+    def _with_aux(self, out: torch.Tensor, routings: list, batch: int) -> torch.Tensor:
+        balance, loads = Transformer._balance(self, routings, batch)
+        if loads is not None:
+            self.loads = loads if self.loads is None else self.loads + loads
+        if balance is None or not torch.is_grad_enabled():
+            return out
+        share = sequence_share(batch, self.counts)
+        self.parts.add("balance_loss", balance * share)
+        return AuxLoss.apply(out, balance, share)
+
+
+def stage_loss_fn(stage: StageModule):
+    """loss_fn(output, target) of the last stage: the global-batch-normalised LM + MTP objective."""
+
+    def loss_fn(output, target):
+        logits = list(output) if isinstance(output, (tuple, list)) else [output]
+        return lm_objective(logits, target, stage.counts, stage.mtp_weight, stage.parts)
+
+    return loss_fn
+
+
+def build_stages(model: Transformer, layout: Layout, pp_rank: int) -> list[StageModule]:
+    """The stage modules of pipeline rank `pp_rank` (two per rank for interleaved and V schedules)."""
+    ranges = split_layers(model.config.num_hidden_layers, layout.n_stages)
+    return [StageModule(model, s, layout.n_stages, ranges[s]) for s in layout.stage_ids(pp_rank)]
+
+
+def build_schedule(stage_modules: list[StageModule], layout: Layout, group, device: torch.device,
+                   loss_fn) -> object:
+    """A torch.distributed.pipelining schedule of `parallel.pp_schedule` over this rank's stages."""
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import schedules
+
+    from model.errors import ConfigError
+
+    name, per_rank, _ = SCHEDULES[layout.pp_schedule]
+    cls = getattr(schedules, name, None)
+    if cls is None:
+        raise ConfigError("parallel.pp_schedule", f"{layout.pp_schedule} needs {name}, which this torch "
+                                                  f"({torch.__version__}) does not have")
+    stages = [pipelining.PipelineStage(m, m.stage, layout.n_stages, device, group=group) for m in stage_modules]
+    kwargs = dict(n_microbatches=layout.microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)

@@ -1,0 +1,127 @@
+"""`ParallelModel`: this rank's part of the model and one step's forward/backward over the global batch.
+
+Loss parts and expert loads come back already reduced: loss parts summed over dp and pp (so every rank
+reports the global-batch value), expert loads summed over dp for the layers this rank holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from optim import RoutingBiasUpdater
+from train.parallel.env import collective
+from train.parallel.grads import clip_, grad_norm
+from train.parallel.layout import Layout
+from train.parallel.loss import LossParts, global_counts, lm_objective, sequence_share, targets
+from train.parallel.mesh import ParallelMesh
+
+PART_NAMES = ("loss", "mtp_loss", "balance_loss", "indexer_loss")
+
+
+@dataclass
+class ParallelModel:
+    """`modules`: the whole (FSDP/EP-wrapped) model, or this rank's pipeline stage modules."""
+
+    pmesh: ParallelMesh
+    modules: list[nn.Module]
+    n_mtp: int
+    schedule: object | None = None  # torch.distributed.pipelining schedule when pp > 1
+    updaters: list[RoutingBiasUpdater] = field(default_factory=list)
+
+    @property
+    def layout(self) -> Layout:
+        return self.pmesh.layout
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for m in self.modules for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+    # ------------------------------------------------------------------ forward/backward
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> dict:
+        """Forward and backward of this data rank's rows of the global batch (a list of grad-accumulation
+        batches); returns the global loss parts and this rank's layers' expert loads (summed over dp)."""
+        tgts = [targets(b, self.n_mtp) for b in batches]
+        counts = global_counts(torch.cat(tgts), self.pmesh.group("dp"))
+        parts = LossParts()
+        loads = []
+        if self.schedule is None:
+            loads = self._plain(batches, tgts, counts, mtp_weight, parts)
+        else:
+            loads = self._pipelined(batches, tgts, counts, mtp_weight, parts)
+        return {"parts": self._reduce_parts(parts), "expert_loads": self._reduce_loads(loads)}
+
+    def _plain(self, batches, tgts, counts, mtp_weight, parts) -> list:
+        model, loads = self.modules[0], None
+        micro = [(b, t, i) for b, t in zip(batches, tgts) for i in range(self.layout.microbatches)]
+        for n, (batch, tgt, i) in enumerate(micro):
+            rows = _rows(batch["input_ids"].shape[0], self.layout.microbatches, i)
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(n == len(micro) - 1)
+            out = model(batch["input_ids"][rows], batch["doc_ids"][rows])
+            total = lm_objective([out.logits, *out.mtp_logits], tgt[rows], counts, mtp_weight, parts)
+            share = sequence_share(out.logits.shape[0], counts)
+            for name in ("balance_loss", "indexer_loss"):
+                value = getattr(out, name, None)
+                if value is not None:
+                    parts.add(name, value * share)
+                    total = total + value * share
+            total.backward()
+            if out.expert_loads is not None:
+                loads = out.expert_loads.detach() if loads is None else loads + out.expert_loads.detach()
+        return [loads]
+
+    def _pipelined(self, batches, tgts, counts, mtp_weight, parts) -> list:
+        for m in self.modules:
+            m.counts, m.parts, m.loads, m.mtp_weight = counts, parts, None, mtp_weight
+        holds_last = any(m.is_last for m in self.modules)
+        for batch, tgt in zip(batches, tgts):
+            kwargs = {"input_ids": batch["input_ids"], "doc_ids": batch["doc_ids"]}
+            if holds_last:
+                kwargs["target"] = tgt
+            self.schedule.step(**kwargs)
+        return [m.loads for m in self.modules]
+
+    def _reduce_parts(self, parts: LossParts) -> dict[str, float]:
+        vec = torch.tensor([float(parts.sums[k]) if k in parts.sums else 0.0 for k in PART_NAMES]
+                           + [float(k in parts.sums) for k in PART_NAMES], dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            with collective("all_reduce(loss parts)"):
+                dist.all_reduce(vec, group=self.pmesh.group("dp"))
+                if self.layout.pp > 1:
+                    dist.all_reduce(vec, group=self.pmesh.group("pp"))
+        present = vec[len(PART_NAMES):]
+        return {k: float(vec[i]) for i, k in enumerate(PART_NAMES) if present[i] > 0}
+
+    def _reduce_loads(self, loads: list) -> list:
+        out = []
+        for t in loads:
+            if t is not None and self.layout.dp > 1:
+                t = t.clone()
+                with collective("all_reduce(expert loads)"):
+                    dist.all_reduce(t, group=self.pmesh.group("dp"))
+            out.append(t)
+        return out
+
+    # ------------------------------------------------------------------ after backward
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        params = self.parameters()
+        norm = grad_norm(params)
+        clip_(params, max_norm, norm)
+        return float(norm)
+
+    def update_biases(self, loads: list) -> None:
+        for updater, t in zip(self.updaters, loads):
+            if t is not None:
+                updater.update(t)
+
+
+def _rows(batch: int, microbatches: int, i: int) -> slice:
+    size = batch // microbatches
+    return slice(i * size, (i + 1) * size)
