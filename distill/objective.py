@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import SAMPLED, DistillConfig
-from distill.losses import REDUCTIONS, head_chunked_divergence, head_chunked_token_logprobs
-from distill.losses import sampled_token_advantages
+from distill.losses import (
+    REDUCTIONS,
+    head_chunked_divergence,
+    head_chunked_token_logprobs,
+    sampled_token_advantages,
+)
 from rl.grpo_loss import GRPOLossConfig, aggregate, grpo_loss
 
 
@@ -49,5 +53,6 @@ def distill_objective(
     logp_t = head_chunked_token_logprobs(teacher_hidden_BTH, teacher_head, tokens_BT, cfg.chunk_rows,
                                          cfg.temperature)
     adv = sampled_token_advantages(logp_s, logp_t, mask)
-    loss, _ = grpo_loss(logp_s, logp_s.detach(), adv, mask, GRPOLossConfig(loss_agg=REDUCTIONS[cfg.reduction]))
+    pg = GRPOLossConfig(loss_agg=REDUCTIONS[cfg.reduction])
+    loss, _ = grpo_loss(logp_s, logp_s.detach(), adv, mask, pg)  # on-policy: ratio 1, gradient -adv * dlogp
     return loss, {"kl": _masked_mean(kl, mask), "sampled_reverse_kl": _masked_mean(-adv, mask)}

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     except MoeforgeError as e:
         print(f"moeforge: error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        print("moeforge: interrupted; run the same command again to resume (finished steps are skipped)",
+              file=sys.stderr)
+        code = 130
     sys.exit(code)
 
 

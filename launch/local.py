@@ -17,9 +17,18 @@ from model.errors import MoeforgeError
 def run_local(plan: Plan) -> dict[str, dict]:
     """Run every step (finished ones are skipped); returns each step's marker record."""
     plan_path = plan.save()
-    if plan.max_parallel <= 1:
-        return {step.name: run_step(plan, step.name) for step in plan.steps}
-    return _run_parallel(plan, plan_path)
+    if plan.max_parallel > 1:
+        return _run_parallel(plan, plan_path)
+    done = {}
+    for step in plan.steps:
+        try:
+            done[step.name] = run_step(plan, step.name)
+        except Exception:
+            if len(plan.steps) > 1:
+                print(f"[moeforge] step {step.name} failed; fix the cause and run the same command again "
+                      f"(finished steps are skipped, this one resumes from its last checkpoint)", flush=True)
+            raise
+    return done
 
 
 def _run_parallel(plan: Plan, plan_path: Path) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from model.errors import ConfigError
 
 ROOT = StageSpec("pipeline", "", "config", None)
 STEP_FIELDS = {"name", "stage", "overrides", "input", "after"}
+RESERVED = ("slurm", "report.txt")  # other entries of a pipeline's run directory
 
 
 def plan_stage(stage: str, overrides: list[str]) -> Plan:
@@ -51,6 +53,7 @@ def plan_pipeline(name: str, overrides: list[str]) -> Plan:
         step.overrides = with_stage_key(spec, first + step.overrides + last)
         if step.input and spec.input_key is None:
             raise ConfigError(f"{where}: step {step.name}: input", f"stage {step.stage} takes no input")
+        _absolute_input(step, names)
         if step.input and step.input not in names:
             check_input_path(f"{where}: step {step.name}: input", step.input)
         step.launcher = _check_step(spec, step, run_dir, names)
@@ -91,9 +94,18 @@ def _step(i: int, raw, where: str, run_dir: Path) -> Step:
             raise ConfigError(f"{key}.{k}", "must be a list of strings")
     if raw.get("input") is not None and not isinstance(raw["input"], str):
         raise ConfigError(f"{key}.input", "must be a step name or a checkpoint path")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", raw["name"]) or raw["name"] in RESERVED:
+        raise ConfigError(f"{key}.name", f"{raw['name']!r}: use letters, digits, '_', '-', '.' "
+                                         f"(and not {', '.join(RESERVED)})")
     get_stage(raw["stage"], f"{key}.stage")
     return Step(raw["name"], raw["stage"], list(raw.get("overrides") or []), raw.get("input"),
                 list(raw.get("after") or []), str(run_dir / raw["name"]))
+
+
+def _absolute_input(step: Step, names: set[str]) -> None:
+    """An input that is a path, not a step, is made absolute (jobs may start elsewhere)."""
+    if step.input and step.input not in names:
+        step.input = str(Path(step.input).resolve())
 
 
 def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> dict:

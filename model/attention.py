@@ -7,8 +7,10 @@ from model.compressor import Compressor
 from model.config import CSA, SLIDING, ModelConfig
 from model.context import ForwardContext, rope_label
 from model.indexer import Indexer, select_topk, selection_mask
+from model.indexer_loss import indexer_kl
 from model.norm import RMSNorm, rms_norm
 from model.rope import apply_rope
+from model.sparse_attention import sparse_layer
 
 
 def attention_core(
@@ -49,6 +51,7 @@ class Attention(nn.Module):
         self.layer_type, self.rope_label = layer_type, rope_label(layer_type)
         self.n_heads, self.head_dim, self.groups = h, c, config.o_groups
         self.eps, self.scale, self.index_topk = config.rms_norm_eps, c**-0.5, config.index_topk
+        self.window = config.sliding_window
         self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
         self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False)
@@ -69,29 +72,71 @@ class Attention(nn.Module):
             else None
         )
 
-    def select(self, scores_BST: torch.Tensor, visible_BST: torch.Tensor) -> torch.Tensor:
-        """The one place where CSA picks its entries: top-k of the visible ones -> bool mask [B, S, T]."""
-        idx, ok = select_topk(scores_BST, visible_BST, self.index_topk)
-        return selection_mask(idx, ok, visible_BST.shape[-1])
+    def select(self, scores_BST: torch.Tensor, visible_BST: torch.Tensor):
+        """The one place where CSA picks its entries: top-k of the visible ones -> (indices, ok) [B, S, k']."""
+        return select_topk(scores_BST, visible_BST, self.index_topk)
 
-    def forward(self, x_BSD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        cos, sin = ctx.token_rope(self.rope_label)
+    def project(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(queries [B, S, H, C], K=V [B, S, C], low-rank query c_Q [B, S, d_c]), RoPE applied."""
         qr = self.q_norm(self.wq_a(x_BSD))
         q = rms_norm(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
-        kv = apply_rope(self.kv_norm(self.wkv(x_BSD)), cos, sin)
-        comp = comp_mask = None
+        return q, apply_rope(self.kv_norm(self.wkv(x_BSD)), cos, sin), qr
+
+    def forward(self, x_BSD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.decode is not None:
+            o = ctx.decode.attend(self, x_BSD, ctx)
+        else:
+            o = self.attend(x_BSD, ctx)
+        return self.output(o, *ctx.token_rope(self.rope_label))
+
+    def output(self, o_BSHC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """De-rotate each head's output, then the grouped low-rank output projection."""
+        o = apply_rope(o_BSHC, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
+        return self.wo_b(self.grouped_out(o))
+
+    def attend(self, x_BSD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Core attention of a whole (packed) sequence -> [B, S, H, C]; adds the indexer KL to `ctx`."""
+        cfg = ctx.config
+        cos, sin = ctx.token_rope(self.rope_label)
+        q, kv, qr = self.project(x_BSD, cos, sin)
+        comp = entries = index = None
         if self.compressor is not None:
             entries = ctx.entries(self.rate)
             ecos, esin = ctx.entry_rope(self.rope_label, self.rate)
             comp = self.compressor(x_BSD, entries, ecos, esin)
-            comp_mask = entries.visible_BST
-            if self.indexer is not None:
-                scores = self.indexer(x_BSD, qr, cos, sin, entries, ecos, esin)
-                comp_mask = self.select(scores, comp_mask)
-        o = attention_core(q, kv, ctx.window_mask(), comp, comp_mask, self.attn_sink, self.scale)
-        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
-        return self.wo_b(self.grouped_out(o))
+            if self.indexer is not None:  # detached inputs: the indexer learns only from its own loss
+                x_d = x_BSD.detach()
+                iq, iw = self.indexer.queries(x_d, qr.detach(), cos, sin)
+                index = (iq, iw, self.indexer.keys(x_d, entries, ecos, esin))
+        mode = cfg.indexer_loss_mode if index is not None else "off"
+        if cfg.attn_impl == "sparse":
+            pos = ctx.layout.positions_BS
+            o, kl = sparse_layer(self, q, kv, comp, entries, index, pos, mode, cfg.attn_chunk_tokens)
+        else:
+            o, kl = self.dense(q, kv, comp, entries, index, mode, ctx.window_mask())
+        if kl is not None:
+            ctx.indexer_losses.append(kl)
+        return o
+
+    def dense(self, q, kv, comp, entries, index, mode: str, window_BSS):
+        """The masked S x S reference (HF's math) -> (output [B, S, H, C], indexer KL or None)."""
+        mask = sel = scores = None
+        if comp is not None:
+            mask = sel = entries.visible_BST
+            if index is not None:
+                scores = self.indexer.score(*index)
+                sel = selection_mask(*self.select(scores, mask), entries.count)
+        o = attention_core(q, kv, window_BSS, comp, sel, self.attn_sink, self.scale)
+        if mode == "off":
+            return o, None
+        keep = mask if mode == "dense" else sel
+        win = torch.einsum("bshc,btc->bhst", q, kv) * self.scale
+        win = win.masked_fill(~window_BSS.unsqueeze(1), float("-inf"))
+        entry = torch.einsum("bshc,btc->bhst", q, comp) * self.scale
+        entry = entry.masked_fill(~keep.unsqueeze(1), float("-inf"))
+        total, n = indexer_kl(win, entry, self.attn_sink, scores, keep)
+        return o, total / n.clamp_min(1)
 
     def grouped_out(self, o_BSHC: torch.Tensor) -> torch.Tensor:
         """Block-diagonal `wo_a`: each of the g head groups is projected by its own [d_g, H*C/g] block."""

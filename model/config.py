@@ -18,8 +18,10 @@ HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
-# Attention implementations selectable with `attn_impl`; a sparse variant registers itself here.
-ATTN_IMPLS = ["dense"]
+# `attn_impl`: "dense" = masked S x S reference (HF's math), "sparse" = per-query gather, linear memory.
+ATTN_IMPLS = ["dense", "sparse"]
+# `indexer_loss_mode`: "off", "dense" (warm-up: KL over all visible entries), "sparse" (over the selected set).
+INDEXER_LOSS_MODES = ("off", "dense", "sparse")
 DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
 DEFAULT_NUM_HASH_LAYERS = 3
 
@@ -28,6 +30,9 @@ TRAINING_ONLY_FIELDS = (
     "balance_loss_alpha",
     "balance_loss_on_hash_layers",
     "attn_impl",
+    "attn_chunk_tokens",
+    "indexer_loss_mode",
+    "indexer_loss_coef",
     "hc_scale_init",
     "tid2eid_seed",
 )
@@ -80,7 +85,10 @@ class ModelConfig:
     # training-only (not in config.json)
     balance_loss_alpha: float = 1e-4
     balance_loss_on_hash_layers: bool = False
-    attn_impl: str = "dense"
+    attn_impl: str = "sparse"
+    attn_chunk_tokens: int = 0  # sparse queries per chunk; 0 = from a memory budget
+    indexer_loss_mode: str = "dense"
+    indexer_loss_coef: float = 1.0
     hc_scale_init: float = 0.01
     tid2eid_seed: int = 0
 
@@ -199,6 +207,12 @@ class ModelConfig:
             raise ConfigError("model.num_nextn_predict_layers", "must be >= 0")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError("model.attn_impl", f"{self.attn_impl!r} not in {ATTN_IMPLS}")
+        if self.indexer_loss_mode not in INDEXER_LOSS_MODES:
+            raise ConfigError("model.indexer_loss_mode", f"{self.indexer_loss_mode!r} not in {INDEXER_LOSS_MODES}")
+        if not isinstance(self.attn_chunk_tokens, int) or self.attn_chunk_tokens < 0:
+            raise ConfigError("model.attn_chunk_tokens", f"must be an integer >= 0, got {self.attn_chunk_tokens!r}")
+        if self.indexer_loss_coef < 0:
+            raise ConfigError("model.indexer_loss_coef", "must be >= 0")
         for name in ("rms_norm_eps", "hc_eps", "swiglu_limit", "routed_scaling_factor", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name}", "must be > 0")

@@ -17,8 +17,10 @@ def rope_label(layer_type: str) -> str:
 class ForwardContext:
     """Everything attention needs besides its input; one per forward call."""
 
-    def __init__(self, config: ModelConfig, layout: SeqLayout, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layout: SeqLayout, dtype: torch.dtype, decode=None):
         self.config, self.layout, self.dtype = config, layout, dtype
+        self.decode = decode  # a `model.cache.DecodeStep` when appending to a decode cache, else None
+        self.indexer_losses: list[torch.Tensor] = []  # per CSA layer, appended by the attention layers
         self._cache: dict = {}
 
     def _cached(self, key, make):

@@ -18,14 +18,33 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
 
+    def keys(self, x_BSD, entries: Entries, cos_BTR, sin_BTR) -> torch.Tensor:
+        """Indexer keys [B, T, c_I] of the layout's compressed entries."""
+        return self.compressor(x_BSD, entries, cos_BTR, sin_BTR)
+
+    def queries(self, x_BSD, qr_BSR, cos_BSR, sin_BSR) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [B, S, n_I, c_I] fp32 with RoPE, head weights [B, S, n_I] fp32 incl. 1/sqrt(n_I))."""
+        q = self.wq_b(qr_BSR).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, cos_BSR.unsqueeze(2), sin_BSR.unsqueeze(2)).float()
+        weights = self.weights_proj(x_BSD).float() * self.n_heads**-0.5
+        return q, weights
+
+    @staticmethod
+    def score(q_BSHC: torch.Tensor, w_BSH: torch.Tensor, keys_BTC: torch.Tensor) -> torch.Tensor:
+        """I[s, t] = sum_h w[s, h] ReLU(q[s, h] . K[t]) -> [B, S, T] fp32 (not masked)."""
+        scores = torch.einsum("bshc,btc->bsht", q_BSHC, keys_BTC.float()).relu() * q_BSHC.shape[-1] ** -0.5
+        return (scores * w_BSH.unsqueeze(-1)).sum(dim=2)
+
+    @staticmethod
+    def score_at(q_BSHC: torch.Tensor, w_BSH: torch.Tensor, keys_BSKC: torch.Tensor) -> torch.Tensor:
+        """The same scores for per-query gathered keys [B, S, K, c_I] -> [B, S, K] fp32."""
+        scores = torch.einsum("bshc,bskc->bshk", q_BSHC, keys_BSKC.float()).relu() * q_BSHC.shape[-1] ** -0.5
+        return (scores * w_BSH.unsqueeze(-1)).sum(dim=2)
+
     def forward(self, x_BSD, qr_BSR, cos_BSR, sin_BSR, entries: Entries, cos_BTR, sin_BTR) -> torch.Tensor:
         """Index scores [B, S, T] in fp32 (not yet masked)."""
-        keys = self.compressor(x_BSD, entries, cos_BTR, sin_BTR)
-        q = self.wq_b(qr_BSR).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(q, cos_BSR.unsqueeze(2), sin_BSR.unsqueeze(2))
-        scores = torch.einsum("bshc,btc->bsht", q.float(), keys.float()).relu() * self.head_dim**-0.5
-        weights = self.weights_proj(x_BSD).float() * self.n_heads**-0.5
-        return (scores * weights.unsqueeze(-1)).sum(dim=2)
+        q, w = self.queries(x_BSD, qr_BSR, cos_BSR, sin_BSR)
+        return self.score(q, w, self.keys(x_BSD, entries, cos_BTR, sin_BTR))
 
 
 def select_topk(scores_BST: torch.Tensor, visible_BST: torch.Tensor, k: int):

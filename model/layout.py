@@ -7,6 +7,7 @@ positions restart at each document; nothing a query sees crosses a document boun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -20,11 +21,23 @@ class Entries:
     pos_BT: torch.Tensor  # doc-local position of that token (= w * rate): the entry's RoPE position
     has_prev_BT: torch.Tensor  # bool: the previous window of the same document exists (w > 0)
     valid_BT: torch.Tensor  # bool: a real entry, not padding
-    visible_BST: torch.Tensor  # bool: query s may use entry t (same document, entry complete at s)
+    first_BS: torch.Tensor  # slot of the first entry of query s's document
+    nvis_BS: torch.Tensor  # how many entries query s may use: slots first .. first + nvis - 1
 
     @property
     def count(self) -> int:
         return self.start_BT.shape[1]
+
+    def visible(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """bool [B, hi-lo, T]: query s in [lo, hi) may use entry t (same document, entry complete at s)."""
+        t = torch.arange(self.count, device=self.start_BT.device)
+        first, nvis = self.first_BS[:, lo:hi, None], self.nvis_BS[:, lo:hi, None]
+        return (t >= first) & (t < first + nvis)
+
+    @cached_property
+    def visible_BST(self) -> torch.Tensor:
+        """The whole [B, S, T] visibility mask (dense reference only: quadratic in S)."""
+        return self.visible()
 
 
 @dataclass
@@ -74,6 +87,7 @@ class SeqLayout:
             start = (torch.arange(count, device=device) * rate).unsqueeze(0).expand(batch, count)
             valid = torch.ones(batch, count, dtype=torch.bool, device=device)
             pos = start
+            first = torch.zeros(batch, seq, dtype=torch.long, device=device)
         else:
             is_end = (self.positions_BS + 1) % rate == 0
             count = int(is_end.sum(dim=1).max().item()) if seq else 0
@@ -84,7 +98,9 @@ class SeqLayout:
             start[b_idx, slot[b_idx, t_idx]] = t_idx - rate + 1
             valid[b_idx, slot[b_idx, t_idx]] = True
             pos = self.positions_BS.gather(1, start)
-        visible = ((start + rate - 1).unsqueeze(1) <= t.view(1, seq, 1)) & valid.unsqueeze(1)
-        if self.run_BS is not None:
-            visible = visible & self.same_doc(self.run_BS, self.run_BS.gather(1, start))
-        return Entries(rate, start, pos, pos >= rate, valid, visible)
+            # entries completed before the document's first token = the document's first slot
+            doc_start = t - self.positions_BS
+            done_before = torch.cumsum(is_end.long(), dim=1) - is_end.long()
+            first = done_before.gather(1, doc_start)
+        nvis = (self.positions_BS + 1) // rate
+        return Entries(rate, start, pos, pos >= rate, valid, first, nvis)

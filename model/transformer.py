@@ -86,7 +86,13 @@ class Transformer(nn.Module):
                 streams, hidden, routing = block(streams, self.embed(later), ctx)
                 mtp_logits.append(self.head(hidden))
                 routings.append(routing)
-        return ModelOutput(logits, mtp_logits, *self._balance(routings, batch))
+        return ModelOutput(logits, mtp_logits, *self._balance(routings, batch), self._indexer_loss(ctx))
+
+    def _indexer_loss(self, ctx: ForwardContext) -> torch.Tensor | None:
+        """Sum over CSA layers of each layer's mean KL, times `indexer_loss_coef`; None when off."""
+        if not ctx.indexer_losses:
+            return None
+        return self.config.indexer_loss_coef * torch.stack(ctx.indexer_losses).sum()
 
     def _balance(self, routings, batch: int):
         cfg = self.config

@@ -109,6 +109,7 @@ OPTIONAL_SECTIONS: dict[str, Any] = {
     "domain": "train.sft:DomainConfig",
     "sft": "train.sft:SFTConfig",
     "grpo": "rl.config:GRPOConfig",
+    "distill": "distill.config:DistillConfig",
 }
 
 

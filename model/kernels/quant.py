@@ -2,7 +2,7 @@
 
 One kernel reads a tile once and writes every layout asked for (rows and transposed columns for
 activations and gradients, the block-scaled weight and its transpose), optionally computing SwiGLU on the
-fly. The arithmetic is that of ``quant_ref`` (bit-identical); see there.
+fly. The arithmetic is that of ``quant_ref`` (bit-identical, but for the sign of zero on the GPU); see there.
 """
 
 import torch
@@ -10,14 +10,17 @@ import triton
 import triton.language as tl
 
 from .grouping import block_e, check_offsets, max_tiles, segment_tile, tile_ends
-from .runtime import GROUP, cdiv, check_kernel_inputs, interpreting
+from .runtime import GROUP, cdiv, check_kernel_inputs
 
 
 @triton.jit
 def round_e4m3(y):
     """Values of y rounded to E4M3 (nearest-even, saturating), still in fp32.
 
-    Done with exponent arithmetic so that the interpreter and the GPU agree with torch's cast exactly.
+    Done with exponent arithmetic so that the interpreter and the GPU agree with torch's cast (the
+    interpreter's own cast truncates). On the H200 (Triton 3.6) the result equals torch's cast except that a
+    negative value rounding to zero may come out as +0.0. Two other formulations (the hardware cast, a
+    bitwise sign copy) miscompiled in the 128x128 block path there: see docs/benchmarks.md.
     """
     a = tl.minimum(tl.abs(y), 448.0)
     pbits = a.to(tl.int32, bitcast=True) & 0x7F800000
@@ -27,15 +30,6 @@ def round_e4m3(y):
     r = (a * inv_q + 12582912.0) - 12582912.0  # round to integer, nearest-even (|a * inv_q| <= 16)
     r = r * q
     return tl.where(y < 0, -r, r)
-
-
-@triton.jit
-def to_e4m3(y, dtype: tl.constexpr, NATIVE: tl.constexpr):
-    """y as E4M3: the hardware cast (round-to-nearest-even, saturating) or the exact emulation above (the
-    interpreter's own cast truncates)."""
-    if NATIVE:
-        return tl.minimum(tl.maximum(y, -448.0), 448.0).to(dtype)
-    return round_e4m3(y).to(dtype)
 
 
 @triton.jit
@@ -53,7 +47,7 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
                   sx_b, sx_m, sx_k, su_m, su_k,
                   sq_b, sq_m, ss_b, ss_m, ss_k, sqt_b, sqt_k, sst_b, sst_k, sst_m,
                   ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKS: tl.constexpr, BLOCKS_T: tl.constexpr,
-                  SWIGLU: tl.constexpr, SEGMENTED: tl.constexpr, POW2: tl.constexpr, NATIVE: tl.constexpr,
+                  SWIGLU: tl.constexpr, SEGMENTED: tl.constexpr, POW2: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -78,18 +72,18 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
     ax = tl.abs(x)
     if ROWS:  # one scale per row of the tile (1x128 along K)
         s, inv = scale_of(tl.max(ax, axis=1), POW2)
-        q = to_e4m3(x * inv[:, None], q_ptr.dtype.element_ty, NATIVE)
+        q = round_e4m3(x * inv[:, None]).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
         tl.store(s_ptr + b * ss_b + rm64 * ss_m + pid_k * ss_k, s, mask=rm < row_end)
     if COLS:  # one scale per column of the tile (1x128 along M), written transposed
         s, inv = scale_of(tl.max(ax, axis=0), POW2)
-        q = to_e4m3(x * inv[None, :], qt_ptr.dtype.element_ty, NATIVE)
+        q = round_e4m3(x * inv[None, :]).to(qt_ptr.dtype.element_ty)
         tl.store(qt_ptr + b * sqt_b + rk[None, :].to(tl.int64) * sqt_k + rm64[:, None], q, mask=mask)
         live = (rk < K) & (rk * 0 + row0 < row_end)  # no scale for a tile past the last segment
         tl.store(st_ptr + b * sst_b + rk.to(tl.int64) * sst_k + pid_m * sst_m, s, mask=live)
     if BLOCKS:  # one scale for the whole 128x128 tile; optionally its transpose too
         s, inv = scale_of(tl.max(tl.max(ax, axis=1), axis=0), POW2)
-        q = to_e4m3(x * inv, q_ptr.dtype.element_ty, NATIVE)
+        q = round_e4m3(x * inv).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + b * sq_b + rm64[:, None] * sq_m + rk[None, :], q, mask=mask)
         tl.store(s_ptr + b * ss_b + pid_m * ss_m + pid_k * ss_k, s)
         if BLOCKS_T:
@@ -98,11 +92,6 @@ def _quant_kernel(x_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, tile_end
 
 
 FP8 = torch.float8_e4m3fn
-NATIVE_CAST: bool | None = None  # None: the hardware cast on GPUs, the exact emulation in the interpreter
-
-
-def native_cast() -> bool:
-    return (not interpreting()) if NATIVE_CAST is None else NATIVE_CAST
 
 
 def _strides(t, batched, last=False):
@@ -132,7 +121,7 @@ def _launch(x, grid, *, up=None, q=None, s=None, qt=None, st=None, offs=None, te
         up.stride(0) if up is not None else 0, up.stride(1) if up is not None else 0,
         *_strides(q, b3), *_strides(s, b3, True), *_strides(qt, b3), *_strides(st, b3, True),
         ROWS=rows, COLS=cols, BLOCKS=blocks, BLOCKS_T=blocks and qt is not None, SWIGLU=up is not None,
-        SEGMENTED=offs is not None, POW2=pow2, NATIVE=native_cast(), BM=bm, BK=bk, BLOCK_E=block_e(e),
+        SEGMENTED=offs is not None, POW2=pow2, BM=bm, BK=bk, BLOCK_E=block_e(e),
         num_warps=8 if bm * bk >= GROUP * GROUP else 4,
     )
 

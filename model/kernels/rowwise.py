@@ -27,11 +27,10 @@ def scaled_mm_ref(aq, sa, bq, sb, out_dtype=torch.bfloat16):
     return ((aq.float() * sa) @ (bq.float() * sb).t()).to(out_dtype)
 
 
-def _mm(out_dtype):
-    def run(a, b, pow2):
-        (aq, sa), (bq, sb) = quantize_rowwise(a, pow2), quantize_rowwise(b, pow2)
-        return scaled_mm(aq, sa, bq, sb, torch.bfloat16).to(out_dtype)
-    return run
+def _product(a, b, pow2, out_dtype):
+    """a [M, K] @ b [N, K]^T with both operands quantised per row (along K); bf16 out, then cast."""
+    (aq, sa), (bq, sb) = quantize_rowwise(a, pow2), quantize_rowwise(b, pow2)
+    return scaled_mm(aq, sa, bq, sb, torch.bfloat16).to(out_dtype)
 
 
 class _RowwiseLinear(torch.autograd.Function):
@@ -40,7 +39,7 @@ class _RowwiseLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, w)
         ctx.pow2, ctx.x_shape = pow2, x.shape
-        return _mm(x.dtype)(x2, w.detach(), pow2).view(*x.shape[:-1], w.shape[0])
+        return _product(x2, w.detach(), pow2, x.dtype).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -48,9 +47,9 @@ class _RowwiseLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _mm(dy.dtype)(dy2, w.detach().t(), ctx.pow2).view(ctx.x_shape)
+            dx = _product(dy2, w.detach().t(), ctx.pow2, dy.dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = _mm(w.dtype)(dy2.t(), x2.t(), ctx.pow2)
+            dw = _product(dy2.t(), x2.t(), ctx.pow2, w.dtype)
         return dx, dw, None
 
 

@@ -103,3 +103,20 @@ def test_check_type(default, value, ok):
     else:
         with pytest.raises(ConfigError, match="k.x: expected"):
             check_type("k.x", cfg.d, cfg.v)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"name": "a", "stage": "pretrain", "overides": []}, "p: steps[0].overides"),
+    ({"name": "a b", "stage": "pretrain"}, "p: steps[0].name"),
+    ({"name": "slurm", "stage": "pretrain"}, "p: steps[0].name"),
+    ({"name": "a", "stage": "pretrian"}, "p: steps[0].stage"),
+    ({"name": "a", "stage": "sft", "overrides": "init=x"}, "p: steps[0].overrides"),
+    ({"name": "a", "stage": "sft", "input": 3}, "p: steps[0].input"),
+    (["pretrain"], "p: steps[0]"),
+])
+def test_pipeline_step_fields_are_checked(tmp_path, raw, key):
+    from launch.planner import _step
+
+    with pytest.raises(ConfigError) as e:
+        _step(0, raw, "p", tmp_path)
+    assert e.value.key == key

@@ -43,7 +43,8 @@ def test_model_balance_loss_and_loads():
     n_learned = cfg.mlp_layer_types.count("moe") + cfg.num_nextn_predict_layers
     assert out.expert_loads.shape == (n_learned, cfg.n_routed_experts)
     assert torch.equal(out.expert_loads.sum(1), torch.full((n_learned,), 2.0 * 40 * cfg.num_experts_per_tok))
-    assert out.indexer_loss is None and len(out.mtp_logits) == 1
+    assert out.indexer_loss is not None and len(out.mtp_logits) == 1  # v4-tiny has CSA layers
+    assert Transformer(tiny_config(indexer_loss_mode="off"))(ids).indexer_loss is None
     with_hash = Transformer(tiny_config(balance_loss_alpha=0.5, balance_loss_on_hash_layers=True))
     with_hash.load_state_dict(model.state_dict())
     assert with_hash(ids).balance_loss > out.balance_loss > 0

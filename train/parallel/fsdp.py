@@ -20,8 +20,10 @@ def mp_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
 def _sum_gradients(module: FSDPModule) -> None:
     if hasattr(module, "set_gradient_divide_factor"):
         module.set_gradient_divide_factor(1.0)
-    else:  # torch < 2.8 name
+    else:  # older torch name
         module.set_reduce_scatter_divide_factor(1.0)
+    if hasattr(module, "set_force_sum_reduction_for_comms"):
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM/AVG
 
 
 def _blocks(root: nn.Module) -> list[nn.Module]:

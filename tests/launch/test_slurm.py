@@ -1,0 +1,69 @@
+"""Pipelines and sweeps through the real one-node SLURM cluster that .ci/slurm-up.sh starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from launch.slurm import job_states
+
+pytestmark = pytest.mark.slurm
+
+
+def jobs(run) -> dict[str, str]:
+    return json.loads((run / "slurm" / "jobs.json").read_text())
+
+
+def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm, cli, wait_until):
+    run = tmp_path / "smoke"
+    args = ("pipeline=smoke", "launcher=slurm", f"hydra.run.dir={run}")
+    cli(*args, "launcher.wait=false", cwd=tmp_path)
+    ids = jobs(run)
+    assert list(ids) == ["pretrain", "anneal"]
+    show = ["scontrol", "show", "job", "-o", ids["anneal"]]
+    dep = subprocess.run(show, capture_output=True, text=True).stdout
+    assert f"afterok:{ids['pretrain']}" in dep
+    for step in ids:  # kept in the run directory, readable and resubmittable
+        assert "launch.step" in (run / "slurm" / f"{step}.sbatch").read_text()
+    wait_until(lambda: (run / "pretrain" / "checkpoints" / "step-2").is_dir(), 600, "pretrain's checkpoint")
+    subprocess.run(["scancel", ids["pretrain"]], check=True)
+    states = wait_until(lambda: (s := job_states(list(ids.values())))[ids["anneal"]][0] == "CANCELLED" and s,
+                        60, "the dependant job to be cancelled")
+    assert states[ids["anneal"]][1] == "DependencyNeverSatisfied"
+    assert not (run / "pretrain" / "DONE.json").exists()
+
+    out = cli(*args, cwd=tmp_path).stdout
+    new = jobs(run)
+    assert set(new) == {"pretrain", "anneal"} and new["pretrain"] != ids["pretrain"]
+    assert re.search(rf"pretrain: job {new['pretrain']} COMPLETED", out)
+    log = (run / "slurm" / f"pretrain-{new['pretrain']}.out").read_text()
+    assert re.search(r"resumed from \S+/pretrain/checkpoints/step-2 at step 2", log), log[-2000:]
+    for step in ("pretrain", "anneal"):
+        done = json.loads((run / step / "DONE.json").read_text())
+        assert done["checkpoint"].endswith(f"{step}/checkpoints/step-4")
+    # everything finished: a third submission submits nothing
+    again = cli(*args, cwd=tmp_path).stdout
+    assert "pretrain: finished earlier, skipped" in again and "anneal: finished earlier, skipped" in again
+
+
+def test_sweep_through_slurm_one_job_per_point(tmp_path, slurm, cli):
+    sweep = tmp_path / "sw"
+    out = cli("--multirun", "model-info", "model.hidden_size=64,128", "launcher=slurm",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path).stdout
+    ids = [json.loads((sweep / i / "slurm" / "jobs.json").read_text())["model-info"] for i in ("0", "1")]
+    assert ids[0] != ids[1] and all(f"job {i} COMPLETED" in out for i in ids)
+    small, big = (json.loads((sweep / i / "summary.json").read_text())["metrics"]["total_params"]
+                  for i in ("0", "1"))
+    assert small < big
+
+
+def test_bad_override_submits_nothing(tmp_path, slurm, cli):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    proc = cli("pipeline=smoke", "launcher=slurm", "trainer.max_steps=many", f"hydra.run.dir={tmp_path}/r",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "trainer.max_steps: expected an int" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
