@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from launch.compose import CONFIG_DIR, compose_stage, sweep_dir
-from launch.launcher import LauncherConfig
 from launch.local import run_local
 from launch.plan import Plan
-from launch.planner import ROOT, plan_pipeline, plan_stage
+from launch.planner import ROOT, default_dirs, pipeline_overrides, plan_pipeline, plan_stage
 from launch.report import format_report
-from launch.slurm import follow, submit
+from launch.slurm import run_slurm
 from launch.stages import STAGES, get_stage
 from launch.sweep import expand
 from model.errors import MoeforgeError
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moeforge: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("moeforge: interrupted; run the same command again to resume (finished steps are skipped)",
-              file=sys.stderr)
+        print("moeforge: interrupted; run the same command again with the same hydra.run.dir to resume "
+              "(finished steps are skipped)", file=sys.stderr)
         code = 130
     sys.exit(code)
 
@@ -58,7 +58,7 @@ def run_cli(args: list[str]) -> int:
     points = [overrides]
     if flags & {"-m", "--multirun"}:
         points = expand(overrides)
-        base = sweep_dir(ROOT if pipeline else get_stage(stage), points[0]).resolve()
+        base = _sweep_base(stage, pipeline, points[0])
         points = [p + [f"hydra.run.dir={base / str(i)}"] for i, p in enumerate(points)]
     # every point is planned (composed and validated) before anything starts
     plans = [plan_pipeline(pipeline, p) if pipeline else plan_stage(stage, p) for p in points]
@@ -73,23 +73,17 @@ def execute(plans: list[Plan]) -> int:
             if len(plan.steps) > 1:
                 print(format_report(plan), end="", flush=True)
         return 0
-    jobs = {}
-    for plan in plans:
-        prefix = f"{plan.run_dir}:" if len(plans) > 1 else ""
-        jobs.update({f"{prefix}{step}": jid for step, jid in submit(plan).items()})
-    lc = LauncherConfig(**plans[0].steps[0].launcher)
-    if not lc.wait or not jobs:
-        return 0
-    states = follow(jobs, lc.poll_seconds)
-    for plan in plans:
-        if len(plan.steps) > 1:
-            print(format_report(plan), end="", flush=True)
-    bad = {k: v for k, v in states.items() if v != "COMPLETED"}
-    if bad:
-        print(f"moeforge: jobs did not complete: {bad}; fix the cause and re-run the same command to resume "
-              f"(finished steps are skipped)", file=sys.stderr)
-        return 1
-    return 0
+    return run_slurm(plans)
+
+
+def _sweep_base(stage: str | None, pipeline: str | None, overrides: list[str]) -> Path:
+    """``hydra.sweep.dir``: the parent of the sweep points' run directories."""
+    if pipeline:
+        return sweep_dir(ROOT, pipeline_overrides(pipeline, overrides)).resolve()
+    spec = get_stage(stage)
+    if spec.config_name != "config":
+        overrides = default_dirs(f"runs/{stage}", f"multirun/{stage}", overrides)
+    return sweep_dir(spec, overrides).resolve()
 
 
 def _target(words: list[str]) -> tuple[str | None, str | None, list[str]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import configs
+from launch.launcher import launchers_in_config_store
 from launch.stages import StageSpec, load_stage
 from model.errors import ConfigError
 
@@ -33,9 +35,7 @@ def compose_stage(spec: StageSpec, overrides: list[str]) -> tuple[DictConfig, Pa
     Unknown keys, missing group options and values whose type differs from the default are ConfigErrors.
     """
     parsed = parse(overrides)
-    if spec.config_name != "config":
-        load_stage(spec)  # registers the stage's structured config
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=spec.name):
+    with _initialize(spec):
         full = _compose(spec.config_name, overrides)
         top_level = [o.input_line for o in parsed if "." not in o.key_or_group and "/" not in o.key_or_group]
         base = _compose(spec.config_name, top_level) if len(top_level) < len(overrides) else full
@@ -46,6 +46,20 @@ def compose_stage(spec: StageSpec, overrides: list[str]) -> tuple[DictConfig, Pa
         if not o.is_hydra_override() and "." in o.key_or_group and o.value_type is not None:
             check_type(o.key_or_group, _select(base, o.key_or_group), _select(cfg, o.key_or_group))
     return cfg, run_dir
+
+
+@contextmanager
+def _initialize(spec: StageSpec):
+    """Hydra's context for the stage: configs/ for the root config; else only the stage's structured
+    config and the launcher group, so that its keys may share names with config groups
+    (``generate model=<dir>``)."""
+    if spec.config_name == "config":
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=spec.name):
+            yield
+        return
+    load_stage(spec)  # registers its structured config
+    with launchers_in_config_store(), initialize(config_path=None, version_base=None, job_name=spec.name):
+        yield
 
 
 def check_type(key: str, default, value) -> None:
@@ -112,9 +126,7 @@ def _translate(e: Exception) -> ConfigError:
 
 def sweep_dir(spec: StageSpec, overrides: list[str]) -> Path:
     """``hydra.sweep.dir`` for these overrides: the parent of a multirun's per-point run directories."""
-    if spec.config_name != "config":
-        load_stage(spec)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name=spec.name):
+    with _initialize(spec):
         full = _compose(spec.config_name, overrides)
         HydraConfig.instance().set_config(full)
         return Path(str(full.hydra.sweep.dir))

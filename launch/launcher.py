@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,3 +79,22 @@ def _check(key: str, annotation: str, value) -> None:
     }[base]
     if not ok:
         raise ConfigError(key, f"expected {annotation}, got {value!r}")
+
+
+@contextmanager
+def launchers_in_config_store():
+    """configs/launcher/*.yaml as a ConfigStore group while the block runs, for stage configs that live
+    in the ConfigStore (taken out again so the root config only ever sees its files)."""
+    from hydra.core.config_store import ConfigStore
+
+    import configs
+
+    store = ConfigStore.instance()
+    added = "launcher" not in store.repo
+    for path in sorted((Path(configs.__file__).parent / "launcher").glob("*.yaml")):
+        store.store(group="launcher", name=path.stem, node=OmegaConf.load(path))
+    try:
+        yield
+    finally:
+        if added:
+            store.repo.pop("launcher", None)

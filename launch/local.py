@@ -24,11 +24,15 @@ def run_local(plan: Plan) -> dict[str, dict]:
         try:
             done[step.name] = run_step(plan, step.name)
         except Exception:
-            if len(plan.steps) > 1:
-                print(f"[moeforge] step {step.name} failed; fix the cause and run the same command again "
-                      f"(finished steps are skipped, this one resumes from its last checkpoint)", flush=True)
+            print(f"[moeforge] step {step.name} failed; {resume_hint(plan)}", flush=True)
             raise
     return done
+
+
+def resume_hint(plan: Plan) -> str:
+    """What to type to carry on after a failure or an interruption."""
+    return (f"fix the cause and run the same command with hydra.run.dir={plan.run_dir} (finished steps are "
+            f"skipped, an interrupted one resumes from its last checkpoint)")
 
 
 def _run_parallel(plan: Plan, plan_path: Path) -> dict[str, dict]:
@@ -63,5 +67,5 @@ def _run_parallel(plan: Plan, plan_path: Path) -> dict[str, dict]:
     if failed or len(done) < len(plan.steps):
         missing = [s.name for s in plan.steps if s.name not in done]
         raise MoeforgeError(f"pipeline {plan.name}: steps {failed} failed, {missing} not finished; "
-                            f"re-run the same command to resume")
+                            + resume_hint(plan))
     return done

@@ -24,6 +24,8 @@ def plan_stage(stage: str, overrides: list[str]) -> Plan:
     """A one-step plan for ``moeforge <stage> [overrides]``; the config is checked here."""
     spec = get_stage(stage)
     own = with_stage_key(spec, [o for o in overrides if not _is_run_dir(o)])
+    if spec.config_name != "config":  # the root config names its own run directories
+        overrides = default_dirs(f"runs/{stage}", f"multirun/{stage}", overrides)
     cfg, run_dir = compose_stage(spec, with_stage_key(spec, overrides))
     validate_stage(spec, cfg)
     run_dir = run_dir.resolve()
@@ -62,12 +64,17 @@ def plan_pipeline(name: str, overrides: list[str]) -> Plan:
 
 
 def pipeline_overrides(name: str, overrides: list[str]) -> list[str]:
-    """Root-config overrides of a pipeline: its group, and run/sweep dirs under runs/<name>/ by default."""
+    """Root-config overrides of a pipeline: its group, and by default the run directory runs/<name>
+    (sweeps: multirun/<name>), so that running the same command again resumes it."""
+    return [f"pipeline={name}", *default_dirs(f"runs/{name}", f"multirun/{name}", overrides, stamp=False)]
+
+
+def default_dirs(run_top: str, sweep_top: str, overrides: list[str], stamp: bool = True) -> list[str]:
+    """``overrides`` plus hydra.run.dir / hydra.sweep.dir under these folders (timestamped) unless given."""
     keys = {o.split("=", 1)[0] for o in overrides}
-    extra = [f"pipeline={name}"]
-    for key, top in (("hydra.run.dir", "runs"), ("hydra.sweep.dir", "multirun")):
-        if key not in keys:
-            extra.append(f"{key}={top}/{name}/${{now:%Y%m%d-%H%M%S}}")
+    leaf = "/${now:%Y%m%d-%H%M%S}" if stamp else ""
+    extra = [f"{key}={top}{leaf}" for key, top in
+             (("hydra.run.dir", run_top), ("hydra.sweep.dir", sweep_top)) if key not in keys]
     return extra + list(overrides)
 
 

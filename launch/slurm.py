@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 from launch.launcher import LauncherConfig
-from launch.markers import stale_reason
+from launch.local import resume_hint
+from launch.markers import read_marker, stale_reason
 from launch.plan import Plan, Step
 from launch.procs import PASSED_ENV, REPO_ROOT
+from launch.report import format_report
 from launch.step import identity, resolve
 from model.errors import MoeforgeError
 
@@ -82,6 +84,32 @@ def submit(plan: Plan) -> dict[str, str]:
     (out_dir / "jobs.json").write_text(json.dumps(ids, indent=2) + "\n")
     (out_dir / "submit.sh").write_text("\n".join(resubmit) + "\n")
     return ids
+
+
+def run_slurm(plans: list[Plan]) -> int:
+    """Submit every plan's unfinished steps; unless ``launcher.wait=false``, follow the jobs to the end and
+    print each pipeline's report. Returns 0 when every job completed."""
+    jobs: dict[str, str] = {}
+    steps: dict[str, Step] = {}
+    for plan in plans:
+        prefix = f"{plan.run_dir}:" if len(plans) > 1 else ""
+        for name, jid in submit(plan).items():
+            jobs[prefix + name], steps[prefix + name] = jid, plan.step(name)
+    lc = LauncherConfig(**plans[0].steps[0].launcher)
+    if not lc.wait or not jobs:
+        return 0
+    states = follow(jobs, lc.poll_seconds)
+    for plan in plans:
+        if len(plan.steps) > 1:
+            print(format_report(plan), end="", flush=True)
+    # a job that already left scontrol's memory (MinJobAge) counts as completed if its step left a marker
+    bad = {k: v for k, v in states.items()
+           if v != "COMPLETED" and not (v == "UNKNOWN" and read_marker(Path(steps[k].run_dir)))}
+    if bad:
+        hints = "; ".join(resume_hint(p) for p in plans)
+        print(f"moeforge: jobs did not complete: {bad}; {hints}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _finished(plan: Plan, step: Step, ids: dict[str, str]) -> bool:

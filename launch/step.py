@@ -83,6 +83,8 @@ def run_step(plan: Plan, name: str) -> dict:
         summary = run_in_process(spec, overrides)
     elif lc.mode == "srun" and "SLURM_PROCID" in os.environ:
         os.environ.update(rank_env_from_slurm(lc))
+        print(f"[moeforge] step {name}: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
+              f"(master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})", flush=True)
         summary = run_in_process(spec, overrides)
     else:
         argv = torchrun_argv(spec.module, overrides, lc)

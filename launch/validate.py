@@ -14,6 +14,9 @@ from model.errors import ConfigError
 
 def validate_stage(spec: StageSpec, cfg: DictConfig, check_input: bool = True) -> None:
     """train.config.validate for the root tree, the stage's own ``validate``, launcher, input path."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(missing[0], "must be set (no default), e.g. " + f"{missing[0]}=...")
     if spec.config_name == "config":
         train_validate = _train_validate()
         if train_validate is not None:

@@ -23,10 +23,14 @@ class Block(nn.Module):
         self.ffn = MoE(config, mlp_type)
 
     def forward(
-        self, streams_BSND: torch.Tensor, ctx: ForwardContext, input_ids_BS: torch.Tensor | None
+        self,
+        streams_BSND: torch.Tensor,
+        ctx: ForwardContext,
+        input_ids_BS: torch.Tensor | None,
+        replay_BSK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Routing]:
         x, post, res = self.hc_attn(streams_BSND)
         streams_BSND = hc_post(self.attn(self.attn_norm(x), ctx), streams_BSND, post, res)
         x, post, res = self.hc_ffn(streams_BSND)
-        y, routing = self.ffn(self.ffn_norm(x), input_ids_BS)
+        y, routing = self.ffn(self.ffn_norm(x), input_ids_BS, replay_BSK)
         return hc_post(y, streams_BSND, post, res), routing

@@ -30,20 +30,27 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x_BSD: torch.Tensor, entries: Entries, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor):
-        """Compressed entries [B, T, head_dim] for the layout's windows (padding rows: junk, masked later)."""
-        kv, gate = self.wkv(x_BSD), self.wgate(x_BSD)
-        idx = entries.start_BT.unsqueeze(-1) + torch.arange(self.rate, device=x_BSD.device)  # [B, T, m]
-        values = gather_tokens(kv, idx)
-        logits = gather_tokens(gate, idx) + self.ape
+    def project(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (values, gate logits) [B, S, width], before the position bias."""
+        return self.wkv(x_BSD), self.wgate(x_BSD)
+
+    def pool(self, kv_BNW, gate_BNW, idx_BTM, has_prev_BT, cos_BTR, sin_BTR) -> torch.Tensor:
+        """Entries [B, T, head_dim] from projected tokens; idx_BTM: rows of each window's m tokens."""
+        values = gather_tokens(kv_BNW, idx_BTM)
+        logits = gather_tokens(gate_BNW, idx_BTM) + self.ape
         if self.overlap:
             c = self.head_dim
-            prev = (idx - self.rate).clamp(min=0)
-            prev_logits = (gather_tokens(gate, prev)[..., :c] + self.ape[:, :c]).masked_fill(
-                ~entries.has_prev_BT[..., None, None], float("-inf")
+            prev = (idx_BTM - self.rate).clamp(min=0)
+            prev_logits = (gather_tokens(gate_BNW, prev)[..., :c] + self.ape[:, :c]).masked_fill(
+                ~has_prev_BT[..., None, None], float("-inf")
             )
-            values = torch.cat([gather_tokens(kv, prev)[..., :c], values[..., c:]], dim=2)
+            values = torch.cat([gather_tokens(kv_BNW, prev)[..., :c], values[..., c:]], dim=2)
             logits = torch.cat([prev_logits, logits[..., c:]], dim=2)
         weights = logits.softmax(dim=2, dtype=torch.float32).to(values.dtype)
         pooled = self.norm((values * weights).sum(dim=2))
         return apply_rope(pooled, cos_BTR, sin_BTR)
+
+    def forward(self, x_BSD: torch.Tensor, entries: Entries, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor):
+        """Compressed entries [B, T, head_dim] for the layout's windows (padding rows: junk, masked later)."""
+        idx = entries.start_BT.unsqueeze(-1) + torch.arange(self.rate, device=x_BSD.device)  # [B, T, m]
+        return self.pool(*self.project(x_BSD), idx, entries.has_prev_BT, cos_BTR, sin_BTR)

@@ -86,7 +86,7 @@ class ModelConfig:
     balance_loss_alpha: float = 1e-4
     balance_loss_on_hash_layers: bool = False
     attn_impl: str = "sparse"
-    attn_chunk_tokens: int = 0  # sparse queries per chunk; 0 = from a memory budget
+    attn_chunk_tokens: int = 0  # queries per sparse chunk / cached prefill step; 0 = automatic
     indexer_loss_mode: str = "dense"
     indexer_loss_coef: float = 1.0
     hc_scale_init: float = 0.01

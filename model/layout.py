@@ -28,9 +28,9 @@ class Entries:
     def count(self) -> int:
         return self.start_BT.shape[1]
 
-    def visible(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """bool [B, hi-lo, T]: query s in [lo, hi) may use entry t (same document, entry complete at s)."""
-        t = torch.arange(self.count, device=self.start_BT.device)
+    def visible(self, lo: int = 0, hi: int | None = None, t0: int = 0, t1: int | None = None) -> torch.Tensor:
+        """bool [B, hi-lo, t1-t0]: query s in [lo, hi) may use entry t in [t0, t1) (same document, complete)."""
+        t = torch.arange(t0, self.count if t1 is None else t1, device=self.start_BT.device)
         first, nvis = self.first_BS[:, lo:hi, None], self.nvis_BS[:, lo:hi, None]
         return (t >= first) & (t < first + nvis)
 
@@ -38,6 +38,11 @@ class Entries:
     def visible_BST(self) -> torch.Tensor:
         """The whole [B, S, T] visibility mask (dense reference only: quadratic in S)."""
         return self.visible()
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The entry range [t0, t1) that queries lo .. hi-1 can see at all."""
+        first, nvis = self.first_BS[:, lo:hi], self.nvis_BS[:, lo:hi]
+        return int(first.min().item()), int((first + nvis).max().item())
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import HASH_MOE, ModelConfig
+from model.errors import MoeforgeError
 
 
 def score_fn(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -58,10 +59,15 @@ class Gate(nn.Module):
         else:
             self.register_buffer("bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None):
-        """(weights [N, k], indices [N, k], scores [N, E]); weights are renormalised and scaled."""
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None, replay_NK: torch.Tensor | None = None):
+        """(weights [N, k], indices [N, k], scores [N, E]); weights are renormalised and scaled.
+
+        `replay_NK`: use these expert choices (router replay); the weights still come from current scores.
+        """
         scores = score_fn(F.linear(x_ND.float(), self.weight.float()), self.score_func)
-        if self.is_hash:
+        if replay_NK is not None:
+            indices = replay_NK.long()
+        elif self.is_hash:
             if ids_N is None:
                 raise ValueError("hash-routed layers need input_ids")
             indices = self.tid2eid[ids_N].long()
@@ -144,9 +150,19 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts, d, inter, limit)
         self.shared_experts = SharedExpert(d, inter, limit)
 
-    def forward(self, x_BSD: torch.Tensor, input_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, Routing]:
+    def forward(
+        self, x_BSD: torch.Tensor, input_ids_BS: torch.Tensor | None, replay_BSK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Routing]:
         flat = x_BSD.reshape(-1, x_BSD.shape[-1])
         ids = input_ids_BS.reshape(-1) if input_ids_BS is not None else None
-        weights, indices, scores = self.gate(flat, ids)
+        replay = None
+        if replay_BSK is not None:
+            if replay_BSK.shape != (*x_BSD.shape[:2], self.gate.top_k):
+                raise MoeforgeError(
+                    f"routing replay: expected expert ids of shape {(*x_BSD.shape[:2], self.gate.top_k)}, "
+                    f"got {tuple(replay_BSK.shape)}"
+                )
+            replay = replay_BSK.reshape(-1, self.gate.top_k).to(flat.device)
+        weights, indices, scores = self.gate(flat, ids, replay)
         routed = self.experts(flat, indices, weights.to(flat.dtype)).view_as(x_BSD)
         return routed + self.shared_experts(x_BSD), Routing(indices, scores, not self.gate.is_hash)

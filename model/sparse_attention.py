@@ -77,9 +77,11 @@ def sparse_layer(attn, q_BSHC, kv_BSC, comp_BTC, entries, index, pos_BS, mode: s
         scores = None
         if comp is not None:
             if ikeys is not None:
+                t0, t1 = entries.span(lo, hi)
                 with torch.no_grad():  # selection only; the KL below rescores its set with gradients
-                    scores = attn.indexer.score(iq[:, lo:hi], iw[:, lo:hi], ikeys)
-                    pairs.append(attn.select(scores, entries.visible(lo, hi)))
+                    scores = attn.indexer.score(iq[:, lo:hi], iw[:, lo:hi], ikeys[:, t0:t1])
+                    idx, ok = attn.select(scores, entries.visible(lo, hi, t0, t1))
+                pairs.append((idx + t0, ok))
             else:
                 pairs.append(range_index(entries.first_BS[:, lo:hi], entries.nvis_BS[:, lo:hi], count))
             sources.append(comp)

@@ -11,14 +11,18 @@ from torch import nn
 
 from model.balance import expert_load, sequence_balance_loss
 from model.block import Block
+from model.cache import DecodeCache, DecodeStep
 from model.config import ModelConfig
 from model.context import ForwardContext
+from model.errors import MoeforgeError
 from model.layout import SeqLayout
 from model.mhc import HyperConnection, HyperHead
 from model.moe import Experts, Gate, make_tid2eid
 from model.mtp import MTPBlock
 from model.norm import RMSNorm
 
+# Prompt tokens per cached step (unless `attn_chunk_tokens` is set): prefill runs in chunks.
+PREFILL_CHUNK = 256
 # Parameters/buffers kept in fp32 by `Transformer.cast_` (mHC, norms, sinks, ape, gate bias).
 FP32_PATTERN = re.compile(r"(^|\.)(hc_\w+|\w*norm)\.|(^|\.)(attn_sink|ape)$|\.gate\.bias$")
 
@@ -29,7 +33,8 @@ class ModelOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k at i predicts token i+2+k
     balance_loss: torch.Tensor | None = None  # alpha already applied; None without learned routing
     expert_loads: torch.Tensor | None = None  # [learned-routing layers (+MTP), E] token counts
-    indexer_loss: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None  # indexer KL (coefficient applied); None when off / no CSA
+    routing: list[torch.Tensor] | None = None  # with return_routing: expert ids [B, S, k] per main layer
 
 
 class Transformer(nn.Module):
@@ -66,27 +71,93 @@ class Transformer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *, with_mtp: bool = True):
-        """input_ids [B, S]; doc_ids [B, S] (equal ids in a run = one packed document) -> `ModelOutput`."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        *,
+        with_mtp: bool = True,
+        cache: DecodeCache | None = None,
+        lengths: torch.Tensor | None = None,
+        return_routing: bool = False,
+        routing: list[torch.Tensor] | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, S]; doc_ids [B, S] (equal ids in a run = one packed document) -> `ModelOutput`.
+
+        `cache` (from `new_cache`): append row b's first `lengths[b]` tokens (all S by default) to the cache
+        and return their logits (no MTP, no losses). `return_routing`: `out.routing`, the expert ids
+        [B, S, k] of every main layer; `routing`: replay such a list (weights from the current scores).
+        """
+        if routing is not None and len(routing) != len(self.layers):
+            raise MoeforgeError(f"routing: expected {len(self.layers)} tensors (one per layer), got {len(routing)}")
+        if cache is not None:
+            return self._append(input_ids, doc_ids, cache, lengths, return_routing, routing)
+        if lengths is not None:
+            raise MoeforgeError("lengths: only meaningful with cache= (prefill); pad and mask otherwise")
         cfg = self.config
         batch, seq = input_ids.shape
-        layout = SeqLayout.build(batch, seq, input_ids.device, doc_ids)
-        emb = self.embed(input_ids)
-        ctx = ForwardContext(cfg, layout, emb.dtype)
-        streams = emb.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
-        routings = []
-        for layer in self.layers:
-            streams, routing = layer(streams, ctx, input_ids)
-            routings.append(routing)
+        ctx = ForwardContext(cfg, SeqLayout.build(batch, seq, input_ids.device, doc_ids), self.embed.weight.dtype)
+        streams, routings = self._trunk(input_ids, ctx, routing)
         logits = self.head(self.norm(self.hc_head(streams)))
         mtp_logits = []
         if with_mtp:
             for k, block in enumerate(self.mtp):
                 later = F.pad(input_ids[:, 1 + k :], (0, min(1 + k, seq)))  # token i+1+k (0 past the end)
-                streams, hidden, routing = block(streams, self.embed(later), ctx)
+                streams, hidden, r = block(streams, self.embed(later), ctx)
                 mtp_logits.append(self.head(hidden))
-                routings.append(routing)
-        return ModelOutput(logits, mtp_logits, *self._balance(routings, batch), self._indexer_loss(ctx))
+                routings.append(r)
+        out = ModelOutput(logits, mtp_logits, *self._balance(routings, batch), self._indexer_loss(ctx))
+        if return_routing:
+            out.routing = [r.indices_NK.view(batch, seq, -1) for r in routings[: len(self.layers)]]
+        return out
+
+    def _trunk(self, input_ids: torch.Tensor, ctx: ForwardContext, replay: list | None):
+        """Embedding -> streams -> every main block: (streams [B, S, n_hc, D], routing per layer)."""
+        emb = self.embed(input_ids)
+        streams = emb.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        routings = []
+        for i, layer in enumerate(self.layers):
+            streams, r = layer(streams, ctx, input_ids, replay[i] if replay is not None else None)
+            routings.append(r)
+        return streams, routings
+
+    # ------------------------------------------------------------------ generation
+    def new_cache(self, batch_size: int) -> DecodeCache:
+        """An empty decode cache for `batch_size` rows on the model's device and in its dtype."""
+        return DecodeCache(self, batch_size)
+
+    def _append(self, input_ids, doc_ids, cache: DecodeCache, lengths, return_routing: bool, replay):
+        batch, seq = input_ids.shape
+        if doc_ids is not None:
+            raise MoeforgeError("doc_ids: packed documents cannot be used with a decode cache")
+        if batch != cache.batch_size:
+            raise MoeforgeError(f"cache: built for {cache.batch_size} rows, input has {batch}")
+        device = input_ids.device
+        n_B = torch.full((batch,), seq, dtype=torch.long, device=device) if lengths is None else lengths.long()
+        if n_B.shape != (batch,) or bool(((n_B < 0) | (n_B > seq)).any()):
+            raise MoeforgeError(f"lengths: need {batch} values in [0, {seq}], got {n_B.tolist()}")
+        logits, routings = [], []
+        chunk = self.config.attn_chunk_tokens or PREFILL_CHUNK
+        for lo in range(0, max(seq, 1), chunk):  # long prompts in chunks: bounded memory
+            hi = min(lo + chunk, seq)
+            part = [r[:, lo:hi] for r in replay] if replay is not None else None
+            out, r = self._append_step(input_ids[:, lo:hi], cache, (n_B - lo).clamp(0, hi - lo), part)
+            logits.append(out)
+            routings.append(r)
+        out = ModelOutput(torch.cat(logits, dim=1))
+        if return_routing:
+            out.routing = [torch.cat(parts, dim=1) for parts in zip(*routings)]
+        return out
+
+    def _append_step(self, input_ids, cache: DecodeCache, n_B: torch.Tensor, replay):
+        batch, seq = input_ids.shape
+        positions = cache.lengths.unsqueeze(1) + torch.arange(seq, device=input_ids.device)
+        step = DecodeStep(cache, self.layers, n_B)
+        ctx = ForwardContext(self.config, SeqLayout(positions, None), self.embed.weight.dtype, decode=step)
+        streams, routings = self._trunk(input_ids, ctx, replay)
+        cache.lengths += n_B
+        logits = self.head(self.norm(self.hc_head(streams)))
+        return logits, [r.indices_NK.view(batch, seq, -1) for r in routings]
 
     def _indexer_loss(self, ctx: ForwardContext) -> torch.Tensor | None:
         """Sum over CSA layers of each layer's mean KL, times `indexer_loss_coef`; None when off."""

@@ -66,6 +66,8 @@ class GRPORun:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.resume_from = self._resume_path()
         self.t = to_object(cfg, "trainer")
         self.g: GRPOConfig = section(cfg, "grpo", GRPOConfig)
         self.domain: DomainConfig = section(cfg, "domain", DomainConfig)
@@ -83,19 +85,21 @@ class GRPORun:
         self.schedule = build_schedule(optim_cfg, self.t.max_steps)
         self.loss_cfg = self.g.loss_config()
         self.train_tasks, self.val_tasks = self.domain.tasks("train"), self.domain.tasks("val")
-        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.step, self.before, self.last_checkpoint = 0, None, None
         self.ref = None
 
     # ------------------------------------------------------------------ start: resume or init
-    def start(self) -> None:
-        init = self.cfg.get("init")
+    def _resume_path(self) -> Path | None:
         resume = str(self.cfg.resume)
         path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else (
             None if resume == "never" else Path(resume))
-        if path is None and not init:
+        if path is None and not self.cfg.get("init"):
             raise ConfigError("init", "grpo starts from a checkpoint (usually the domain's SFT step): "
                                       "set init=<checkpoint dir>")
+        return path
+
+    def start(self) -> None:
+        init, path = self.cfg.get("init"), self.resume_from
         if init:
             checkpoint.load(Path(str(init)), self.model)
         if self.g.beta > 0:

@@ -36,12 +36,12 @@ class SpikeGuardConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
-    seq_len: int = 256
+    max_steps: int = 200
+    seq_len: int = 128
     batch_size: int = 8
     grad_accum: int = 1
-    eval_every: int = 50  # 0 = only at the end
-    eval_batches: int = 4
+    eval_every: int = 25  # 0 = only at the end
+    eval_batches: int = 8
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     activation_checkpointing: bool = False
@@ -57,7 +57,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 100  # 0 = only the final checkpoint
+    every: int = 50  # 0 = only the final checkpoint
     keep: int = 2
     dir: str | None = None  # default: <run_dir>/checkpoints
 

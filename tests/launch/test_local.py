@@ -44,8 +44,8 @@ def test_torchrun_executor(tmp_path, cli):
 
 def test_parallel_steps_then_rerun_skips_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    run = tmp_path / "sizes"
-    run_cli("pipeline=model-sizes", "launcher.max_parallel=2", f"hydra.run.dir={run}")
+    run = tmp_path / "runs" / "model-sizes"  # a pipeline's default run directory: the same command resumes
+    run_cli("pipeline=model-sizes", "launcher.max_parallel=2")
     names = ["v4-tiny", "v4-small", "v4-flash", "v4-pro"]
     assert all((run / ".moeforge" / f"{n}.out").exists() for n in names)  # each ran as its own process
     totals = [summary(run / n)["metrics"]["total_params"] for n in names]
@@ -54,7 +54,7 @@ def test_parallel_steps_then_rerun_skips_them(tmp_path, monkeypatch, capsys):
     assert all(n in report for n in names) and "active_params=" in report
     stamps = {n: (run / n / "DONE.json").stat().st_mtime_ns for n in names}
     capsys.readouterr()
-    run_cli("pipeline=model-sizes", f"hydra.run.dir={run}")
+    run_cli("pipeline=model-sizes")
     out = capsys.readouterr().out
     assert all(f"step {n}: finished earlier, skipped" in out for n in names)
     assert stamps == {n: (run / n / "DONE.json").stat().st_mtime_ns for n in names}

@@ -67,3 +67,12 @@ def test_bad_override_submits_nothing(tmp_path, slurm, cli):
     assert proc.returncode == 2 and "trainer.max_steps: expected an int" in proc.stderr
     assert not (tmp_path / "r").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_srun_mode_runs_one_task_per_rank(tmp_path, slurm, cli):
+    run = tmp_path / "mi"
+    cli("model-info", "launcher=slurm", "launcher.mode=srun", "launcher.nproc_per_node=2",
+        f"hydra.run.dir={run}", cwd=tmp_path)
+    log = (run / "slurm" / f"model-info-{jobs(run)['model-info']}.out").read_text()
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log, log
+    assert json.loads((run / "DONE.json").read_text())["metrics"]["total_params"] > 0

@@ -112,3 +112,39 @@ def test_every_parameter_learns_and_the_indexer_only_from_its_loss():
         assert nonzero_r == (name not in indexer), name
     training_loss(out).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+MEMORY_PROBE = """
+import resource, torch
+from model import ModelConfig, Transformer
+torch.set_num_threads(1)
+C, H = "compressed_sparse_attention", "heavily_compressed_attention"
+cfg = ModelConfig(vocab_size=97, hidden_size=16, moe_intermediate_size=8, num_hidden_layers=2,
+    num_attention_heads=2, head_dim=16, q_lora_rank=8, partial_rotary_factor=0.25, num_experts_per_tok=2,
+    n_routed_experts=4, layer_types=[C, H], mlp_layer_types=["moe", "moe"], hc_mult=2, hc_sinkhorn_iters=3,
+    o_groups=1, o_lora_rank=8, index_n_heads=1, index_head_dim=4, index_topk=64, num_nextn_predict_layers=0,
+    max_position_embeddings=65536, attn_impl="sparse", indexer_loss_mode="sparse")
+model = Transformer(cfg)
+out = model(torch.randint(0, 97, (1, SEQ)))
+(out.logits.logsumexp(-1).mean() + out.indexer_loss + out.balance_loss).backward()
+assert all(p.grad is not None for p in model.parameters())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_sparse_training_step_at_32k_tokens_fits_where_dense_cannot():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    seq, heads = 32768, 2
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE.replace("SEQ", str(seq))], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = int(run.stdout.split()[-1])  # whole process, Python and torch included
+    dense_scores = seq * seq * 4 * heads  # one fp32 [H, S, S] logits tensor of the dense reference
+    print(f"sparse forward+backward at {seq} tokens: peak RSS {peak / 2**30:.2f} GiB; "
+          f"dense S x S fp32 logits alone: {dense_scores / 2**30:.1f} GiB")
+    assert peak < dense_scores / 4
+

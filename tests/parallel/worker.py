@@ -9,6 +9,7 @@ loss and gradient norm of every step of both runs to OUT.json.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 
@@ -25,6 +26,7 @@ from train.parallel.mesh import build_mesh
 from train.parallel.parallelize import parallelize
 
 STEPS, ROWS, SEQ, MTP_WEIGHT, CLIP = 3, 8, 16, 0.3, 1.0
+HANG_S = 40
 MODEL = dict(
     vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
     partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=32, sliding_window=8,
@@ -115,7 +117,8 @@ def run_layout(spec: str) -> list[dict]:
 
 def main() -> None:
     out_path, specs = sys.argv[1], sys.argv[2:]
-    init_distributed("cpu")
+    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang prints every thread's stack and exits
+    init_distributed("cpu", timeout_s=HANG_S)
     torch.set_num_threads(1)
     ref = [reference()] if dist.get_rank() == 0 else [None]
     dist.broadcast_object_list(ref, src=0)

@@ -3,6 +3,8 @@ pipeline split, expert placement, activation checkpointing, FSDP."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from model.transformer import Transformer
@@ -28,10 +30,12 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, *, bias_update_speed: f
             enable_activation_checkpointing(list(m.layers.values()) if hasattr(m.layers, "values") else m.layers)
         m.to(device)
         apply_fsdp(m, pmesh, param_dtype)
-    schedule = None
+    schedule_for = None
     if layout.pp > 1:
-        last = next((m for m in modules if m.is_last), None)
-        loss_fn = stage_loss_fn(last) if last is not None else None
-        schedule = build_schedule(modules, layout, pmesh.group("pp"), device, loss_fn)
+        # every rank passes a loss_fn (without one a schedule runs no backward); only the last stage calls it
+        last = next((m for m in modules if m.is_last), modules[-1])
+        dtype = model.embed.weight.dtype
+        schedule_for = functools.partial(build_schedule, modules, layout, pmesh.group("pp"), device,
+                                         stage_loss_fn(last), dtype=dtype)
     updaters = [RoutingBiasUpdater(m, bias_update_speed) for m in modules]
-    return ParallelModel(pmesh, modules, model.config.num_nextn_predict_layers, schedule, updaters)
+    return ParallelModel(pmesh, modules, model.config.num_nextn_predict_layers, schedule_for, updaters)

@@ -10,6 +10,8 @@ on the split.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ class AuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, aux, scale: float):
         ctx.scale, ctx.shape, ctx.dtype = scale, aux.shape, aux.dtype
-        return x.view_as(x)
+        return x.clone()  # not a view: zero-bubble schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,9 +117,19 @@ def build_stages(model: Transformer, layout: Layout, pp_rank: int) -> list[Stage
     return [StageModule(model, s, layout.n_stages, ranges[s]) for s in layout.stage_ids(pp_rank)]
 
 
-def build_schedule(stage_modules: list[StageModule], layout: Layout, group, device: torch.device,
-                   loss_fn) -> object:
-    """A torch.distributed.pipelining schedule of `parallel.pp_schedule` over this rank's stages."""
+def stage_io(model_cfg, rows: int, seq: int, dtype: torch.dtype, device) -> tuple[tuple, tuple]:
+    """Example (between-stage activations, last-stage outputs) of one microbatch: static shapes, so the
+    pipeline needs no shape-inference pass (which would run the model on placeholder data)."""
+    d, n_mtp = model_cfg.hidden_size, model_cfg.num_nextn_predict_layers
+    empty = functools.partial(torch.empty, dtype=dtype, device=device, requires_grad=True)
+    between = (empty(rows, seq, model_cfg.hc_mult, d), *[empty(rows, seq, d) for _ in range(n_mtp)])
+    return between, tuple(empty(rows, seq, model_cfg.vocab_size) for _ in range(1 + n_mtp))
+
+
+def build_schedule(stage_modules: list[StageModule], layout: Layout, group, device: torch.device, loss_fn,
+                   rows: int, seq: int, dtype: torch.dtype = torch.float32) -> object:
+    """A torch.distributed.pipelining schedule of `parallel.pp_schedule` over this rank's stages, for
+    microbatches of `rows` x `seq` tokens."""
     from torch.distributed import pipelining
     from torch.distributed.pipelining import schedules
 
@@ -128,6 +140,10 @@ def build_schedule(stage_modules: list[StageModule], layout: Layout, group, devi
     if cls is None:
         raise ConfigError("parallel.pp_schedule", f"{layout.pp_schedule} needs {name}, which this torch "
                                                   f"({torch.__version__}) does not have")
-    stages = [pipelining.PipelineStage(m, m.stage, layout.n_stages, device, group=group) for m in stage_modules]
+    between, final = stage_io(stage_modules[0].config, rows, seq, dtype, device)
+    stages = [pipelining.PipelineStage(m, m.stage, layout.n_stages, device, group=group,
+                                       input_args=() if m.is_first else between,
+                                       output_args=final if m.is_last else between)
+              for m in stage_modules]
     kwargs = dict(n_microbatches=layout.microbatches, loss_fn=loss_fn, scale_grads=False)
     return cls(stages[0], **kwargs) if per_rank == 1 else cls(stages, **kwargs)

@@ -6,6 +6,7 @@ reports the global-batch value), expert loads summed over dp for the layers this
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +30,9 @@ class ParallelModel:
     pmesh: ParallelMesh
     modules: list[nn.Module]
     n_mtp: int
-    schedule: object | None = None  # torch.distributed.pipelining schedule when pp > 1
+    schedule_for: Callable | None = None  # (microbatch rows, seq) -> pipelining schedule, when pp > 1
     updaters: list[RoutingBiasUpdater] = field(default_factory=list)
+    _schedules: dict = field(default_factory=dict)
 
     @property
     def layout(self) -> Layout:
@@ -51,7 +53,7 @@ class ParallelModel:
         counts = global_counts(torch.cat(tgts), self.pmesh.group("dp"))
         parts = LossParts()
         loads = []
-        if self.schedule is None:
+        if self.schedule_for is None:
             loads = self._plain(batches, tgts, counts, mtp_weight, parts)
         else:
             loads = self._pipelined(batches, tgts, counts, mtp_weight, parts)
@@ -85,8 +87,15 @@ class ParallelModel:
             kwargs = {"input_ids": batch["input_ids"], "doc_ids": batch["doc_ids"]}
             if holds_last:
                 kwargs["target"] = tgt
-            self.schedule.step(**kwargs)
+            self.schedule(*batch["input_ids"].shape).step(**kwargs)
         return [m.loads for m in self.modules]
+
+    def schedule(self, rows: int, seq: int):
+        """The pipeline schedule for batches of `rows` x `seq` (built once per shape: static stage I/O)."""
+        mb_rows = rows // self.layout.microbatches
+        if (mb_rows, seq) not in self._schedules:
+            self._schedules[(mb_rows, seq)] = self.schedule_for(mb_rows, seq)
+        return self._schedules[(mb_rows, seq)]
 
     def _reduce_parts(self, parts: LossParts) -> dict[str, float]:
         vec = torch.tensor([float(parts.sums[k]) if k in parts.sums else 0.0 for k in PART_NAMES]

@@ -1,0 +1,111 @@
+"""Decode cache: per row and main layer, the window K=V, compressor state, compressed entries, indexer keys.
+
+Rows are independent and have their own lengths. Appending n_b tokens to row b (prefill: the prompt; decode:
+one token) processes exactly what a full forward pass would compute for those positions:
+- window: the last `sliding_window` K=V vectors, right-aligned (slot j holds position length - W + j);
+- compressor state: the last m (HCA) or 2m (CSA: the overlap half of the previous window) projected tokens,
+  right-aligned the same way, so that a window that completes can be pooled;
+- compressed entries and indexer keys [B, T, C] with T = the longest row's count (exact size, no slack).
+All tensors live on the model's device in its compute dtype. Use under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.compressor import Compressor, gather_tokens
+from model.config import ModelConfig
+from model.rope import cos_sin
+from model.sparse_attention import attend, gather_keys, range_index, window_index
+
+
+class CompressorState:
+    """The recent projected tokens of one compressor and the entries it emitted so far."""
+
+    def __init__(self, comp: Compressor, batch: int, device, dtype):
+        self.rate, self.keep = comp.rate, comp.rate * (2 if comp.overlap else 1)
+        width = comp.wkv.out_features
+        self.kv = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
+        self.gate = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
+        self.entries = torch.zeros(batch, 0, comp.head_dim, device=device, dtype=dtype)
+
+    def append(self, comp: Compressor, x_BSD, step: DecodeStep, freqs) -> torch.Tensor:
+        """Add the step's tokens; pool every window they complete; return all entries [B, T, C]."""
+        m, keep = self.rate, self.keep
+        kv_new, gate_new = comp.project(x_BSD)
+        kv, gate = torch.cat([self.kv, kv_new], dim=1), torch.cat([self.gate, gate_new], dim=1)
+        before, after = step.lengths_B // m, (step.lengths_B + step.n_B) // m
+        n_new = after - before
+        most = int(n_new.max().item())
+        if most > 0:
+            e = torch.arange(most, device=kv.device)
+            w = before.unsqueeze(1) + e  # window index of each new entry [B, E]
+            first = w * m - step.lengths_B.unsqueeze(1) + keep  # row of its first token in (kv, gate)
+            idx = (first.unsqueeze(-1) + torch.arange(m, device=kv.device)).clamp(0, kv.shape[1] - 1)
+            cos, sin = cos_sin(freqs, w * m, x_BSD.dtype)
+            new = comp.pool(kv, gate, idx, w > 0, cos, sin)
+            grown = int(after.max().item())
+            if grown > self.entries.shape[1]:
+                pad = self.entries.new_zeros(self.entries.shape[0], grown - self.entries.shape[1], new.shape[-1])
+                self.entries = torch.cat([self.entries, pad], dim=1)
+            rows, slots = (e < n_new.unsqueeze(1)).nonzero(as_tuple=True)
+            self.entries[rows, before[rows] + slots] = new[rows, slots].to(self.entries.dtype)
+        self.kv = gather_tokens(kv, step.n_B.unsqueeze(1) + torch.arange(keep, device=kv.device))
+        self.gate = gather_tokens(gate, step.n_B.unsqueeze(1) + torch.arange(keep, device=kv.device))
+        return self.entries
+
+
+class LayerCache:
+    def __init__(self, attn, batch: int, device, dtype):
+        self.window = torch.zeros(batch, attn.window, attn.head_dim, device=device, dtype=dtype)
+        self.comp = CompressorState(attn.compressor, batch, device, dtype) if attn.compressor else None
+        self.index = CompressorState(attn.indexer.compressor, batch, device, dtype) if attn.indexer else None
+
+
+class DecodeCache:
+    """`Transformer.new_cache(batch_size)`: decode state of every main layer, with per-row `lengths`."""
+
+    def __init__(self, model, batch_size: int):
+        emb = model.embed.weight
+        self.config: ModelConfig = model.config
+        self.batch_size = batch_size
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=emb.device)
+        self.layers = [LayerCache(layer.attn, batch_size, emb.device, emb.dtype) for layer in model.layers]
+
+
+class DecodeStep:
+    """One append of n_B[b] tokens to every row of `cache` (the part of a forward that touches the cache)."""
+
+    def __init__(self, cache: DecodeCache, layers, n_B: torch.Tensor):
+        self.cache, self.n_B = cache, n_B
+        self.lengths_B = cache.lengths.clone()
+        self.slot = {layer.attn: i for i, layer in enumerate(layers)}
+
+    def attend(self, attn, x_BSD: torch.Tensor, ctx) -> torch.Tensor:
+        """Core attention [B, S, H, C] of the new tokens over cached and new keys; updates the layer cache."""
+        state = self.cache.layers[self.slot[attn]]
+        seq = x_BSD.shape[1]
+        pos = ctx.layout.positions_BS
+        cos, sin = ctx.token_rope(attn.rope_label)
+        q, kv, qr = attn.project(x_BSD, cos, sin)
+        window = state.window.shape[1]
+        keys_src = torch.cat([state.window, kv.to(state.window.dtype)], dim=1)  # row j: position L - W + j
+        rows = torch.arange(window, window + seq, device=pos.device)
+        pairs, sources = [window_index(rows, pos, window)], [keys_src]
+        if attn.compressor is not None:
+            freqs = ctx.freqs(attn.rope_label)
+            comp = state.comp.append(attn.compressor, x_BSD, self, freqs)
+            nvis = (pos + 1) // attn.rate
+            if attn.indexer is not None:
+                keys = state.index.append(attn.indexer.compressor, x_BSD, self, freqs)
+                iq, iw = attn.indexer.queries(x_BSD, qr, cos, sin)
+                scores = attn.indexer.score(iq, iw, keys)
+                visible = torch.arange(keys.shape[1], device=pos.device) < nvis.unsqueeze(-1)
+                pairs.append(attn.select(scores, visible))
+            else:
+                pairs.append(range_index(torch.zeros_like(nvis), nvis, comp.shape[1]))
+            sources.append(comp)
+        keys, ok = gather_keys(sources, pairs)
+        out, _ = attend(q, keys.to(q.dtype), ok, attn.attn_sink, attn.scale)
+        state.window = gather_tokens(keys_src, self.n_B.unsqueeze(1) + torch.arange(window, device=pos.device))
+        return out

@@ -1,0 +1,226 @@
+"""The distill stage: the objective against hand-computed KLs, frozen chunked teachers, the prompt sampler,
+config errors, and (must-show) SFT experts distilled into one student that keeps >= 90% of each teacher's
+held-out score, with an exact resume."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from data.build import build_tokenizer
+from data.config import DataConfig
+from data.tokenizer import tokenizer_hash
+from distill.config import DistillConfig
+from distill.losses import divergence
+from distill.objective import distill_objective
+from distill.prompts import PromptSampler
+from distill.stage import run
+from distill.teacher import Teacher
+from launch.compose import compose_stage
+from launch.stages import get_stage
+from model import ModelConfig, Transformer
+from model.errors import ConfigError
+from train import checkpoint, rng
+from train.sft import run as sft_run
+
+# Two sliding-attention layers (hash + learned MoE) whose window covers the whole sequence, so copying a
+# function name from the prompt is learnable in a few hundred SFT steps.
+MODEL = ["model.vocab_size=512", "model.hidden_size=64", "model.num_hidden_layers=2",
+         "model.num_attention_heads=2", "model.head_dim=32", "model.q_lora_rank=32", "model.o_lora_rank=32",
+         "model.moe_intermediate_size=64", "model.num_nextn_predict_layers=0", "model.sliding_window=128",
+         "model.layer_types=[sliding_attention,sliding_attention]", "model.mlp_layer_types=[hash_moe,moe]"]
+QUIET = ["logger.progress=false", "logger.wandb.mode=disabled", "trainer.spike.enabled=false",
+         "trainer.log_every=50"]
+SFT_STEPS = 300
+DISTILL_STEPS = 60
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+def softmax(z):
+    e = [math.exp(x - max(z)) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def hand_reverse_kl(s_row, t_row):
+    p, q = softmax(s_row), softmax(t_row)
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
+
+
+def test_loss_is_the_hand_computed_full_vocabulary_reverse_kl_and_only_the_student_gets_gradients():
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 3, 5, generator=g) * 2).requires_grad_(True)
+    hidden = torch.randn(2, 3, 4, generator=g).requires_grad_(True)  # the teacher's side, made to track
+    head_w = torch.randn(5, 4, generator=g).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    tokens = torch.randint(0, 5, (2, 3), generator=g)
+    cfg = DistillConfig(chunk_rows=2).validate()
+
+    loss, metrics = distill_objective(student, hidden, lambda h: h @ head_w.T, tokens, mask, cfg)
+    t_logits = (hidden @ head_w.T).tolist()
+    kls = [hand_reverse_kl(student[b, t].tolist(), t_logits[b][t]) for b, t in ((0, 0), (0, 1), (1, 0))]
+    assert loss.item() == pytest.approx(sum(kls) / 3, rel=1e-5)  # mean over the three response tokens
+    assert metrics["kl"].item() == pytest.approx(sum(kls) / 3, rel=1e-5)
+    loss.backward()
+    assert student.grad is not None and student.grad[0, :2].abs().sum() > 0
+    assert student.grad[0, 2].abs().sum() == 0 and student.grad[1, 1:].abs().sum() == 0  # masked out
+    assert hidden.grad is None and head_w.grad is None  # nothing flows into the teacher
+
+    # sequence reduction: per sequence, then over sequences
+    seq_cfg = DistillConfig(reduction="sequence").validate()
+    loss_seq, _ = distill_objective(student, hidden, lambda h: h @ head_w.T, tokens, mask, seq_cfg)
+    assert loss_seq.item() == pytest.approx(((kls[0] + kls[1]) / 2 + kls[2]) / 2, rel=1e-5)
+
+
+def test_sampled_token_estimator_is_a_log_ratio_reward():
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(1, 4, 6, generator=g).requires_grad_(True)
+    t_logits = torch.randn(1, 4, 6, generator=g)
+    tokens = torch.randint(0, 6, (1, 4), generator=g)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    cfg = DistillConfig(kind="sampled").validate()
+    loss, metrics = distill_objective(student, t_logits, lambda h: h, tokens, mask, cfg)
+    ls, lt = student.log_softmax(-1), t_logits.log_softmax(-1)
+    lp_s = ls.gather(-1, tokens[..., None]).squeeze(-1)
+    lp_t = lt.gather(-1, tokens[..., None]).squeeze(-1)
+    reward = -(lp_s - lp_t).detach()
+    want = -(reward * lp_s * mask).sum() / mask.sum()  # REINFORCE with the per-token log-ratio, discount 0
+    (g_got,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want, student)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+    full = divergence(student.detach(), t_logits)  # the reported KL is still the full-vocabulary one
+    assert metrics["kl"].item() == pytest.approx(((full * mask).sum() / 3).item(), rel=1e-5)
+    assert metrics["sampled_reverse_kl"].item() == pytest.approx((-reward * mask).sum().item() / 3, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- components
+def tiny_model_config() -> ModelConfig:
+    cfg, _ = compose("sft", "unused", "+domain=math")
+    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def test_teacher_is_frozen_and_its_chunked_head_equals_its_logits(tmp_path):
+    cfg = tiny_model_config()
+    rng.seed_all(3)
+    model = Transformer(cfg)
+    path = checkpoint.save(tmp_path, 0, model, None, config={"model": cfg.to_dict()})
+    teacher = Teacher("math", path, torch.device("cpu"))
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    full = teacher.model(ids, with_mtp=False).logits  # the plain reference: the whole forward
+    hidden = teacher.hidden(ids)
+    assert hidden.shape == (2, 9, cfg.hidden_size)
+    chunked = torch.cat([teacher.head(hidden.view(-1, cfg.hidden_size)[i:i + 5]) for i in range(0, 18, 5)])
+    assert torch.allclose(chunked.view_as(full), full, atol=1e-5)
+    assert isinstance(teacher.model.head, torch.nn.Linear)  # the head is back after the hidden pass
+
+
+def test_prompt_sampler_balances_domains_and_resumes():
+    pools = {"math": [{"id": f"m{i}", "domain": "math"} for i in range(5)],
+             "code": [{"id": f"c{i}", "domain": "code"} for i in range(3)]}
+    a = PromptSampler(pools, per_domain=2, seed=7)
+    batches = [a.next_batch() for _ in range(6)]
+    assert all([t["domain"] for t in b] == ["code", "code", "math", "math"] for b in batches)
+    seen_code = [t["id"] for b in batches[:3] for t in b if t["domain"] == "code"]
+    assert sorted(seen_code) == sorted(["c0", "c1", "c2"] * 2)  # every task once per pass
+    b = PromptSampler(pools, per_domain=2, seed=7)
+    b.load_state_dict({"steps": 4})
+    assert b.next_batch() == batches[4] and a.state_dict() == {"steps": 6}
+    other_seeds = [PromptSampler(pools, 2, seed=s).batch_at(0) for s in range(8, 12)]
+    assert any(o != batches[0] for o in other_seeds)  # the seed decides the order
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def compose(stage: str, run_dir, *overrides: str):
+    cfg, rd = compose_stage(get_stage(stage), [f"stage={stage}", f"hydra.run.dir={run_dir}", *MODEL, *QUIET,
+                                               *overrides])
+    return cfg, rd
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """A random base (the student) and two SFT experts started from it: math and code."""
+    root = tmp_path_factory.mktemp("distill")
+    data = [f"data.cache_dir={root / 'cache'}", "data.max_bytes=300000"]
+    cfg, _ = compose("sft", root / "base", "+domain=math", *data)
+    tok = build_tokenizer(DataConfig.from_dict(cfg.data), 512)
+    rng.seed_all(0)
+    model_dict = OmegaConf.to_container(cfg.model, resolve=True)
+    base = checkpoint.save(root / "base", 0, Transformer(ModelConfig.from_dict(model_dict)), None,
+                           config={"model": model_dict}, tokenizer_hash=tokenizer_hash(tok),
+                           extra_files={"tokenizer.json": tok.to_str()})
+    teachers = {}
+    for domain in ("math", "code"):
+        cfg, rd = compose("sft", root / f"sft-{domain}", f"+domain={domain}", f"init={base}", *data,
+                          f"trainer.max_steps={SFT_STEPS}", "trainer.seq_len=128", "trainer.batch_size=8",
+                          "trainer.eval_every=0", "checkpoint.every=0", "optim.lr=3e-3",
+                          "optim.warmup_steps=10", "domain.n_val=16")
+        teachers[domain] = sft_run(cfg, rd)["checkpoint"]
+    return root, base, teachers
+
+
+def distill_overrides(base, teachers, *extra):
+    return ["+distill=default", f"student={base}", f"teachers.math={teachers['math']}",
+            f"teachers.code={teachers['code']}", "distill.max_new_tokens=32", "optim.lr=3e-3",
+            "optim.warmup_steps=5", *extra]
+
+
+def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
+    root, base, teachers = experts
+    cfg, rd = compose("distill", root / "distill", *distill_overrides(
+        base, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0", "checkpoint.every=0"))
+    summary = run(cfg, rd)
+    doms = summary["metrics"]["domains"]
+    print(json.dumps({d: {k: m[k] for k in ("teacher_scores", "student_score_before", "student_score",
+                                             "kl_first", "kl_final")} for d, m in doms.items()}, indent=1))
+    for own, other in (("math", "code"), ("code", "math")):
+        m = doms[own]
+        assert m["teacher_score"] >= 0.05, m  # the expert solves part of its held-out domain
+        assert m["teacher_scores"][other] <= 0.5 * m["teacher_score"], m  # the other expert clearly worse
+        assert m["student_score"] >= 0.9 * m["teacher_score"], m  # the one student keeps >= 90% of both
+        assert m["kl_final"] < 0.5 * m["kl_first"], m
+    assert summary["stage"] == "distill" and (rd / "report.md").read_text().count("| math |") == 2
+    assert summary["checkpoint"] == str(rd / "checkpoints" / f"step-{DISTILL_STEPS}")
+    assert (rd / "kl_curve.png").stat().st_size > 0
+    assert json.loads((rd / "summary.json").read_text())["metrics"]["domains"]["code"] == doms["code"]
+
+
+def test_resume_is_exact_and_samples_are_the_students(experts):
+    root, base, teachers = experts
+    over = distill_overrides(base, teachers, "trainer.max_steps=3", "trainer.eval_every=0",
+                             "checkpoint.every=2", "checkpoint.keep=3", "distill.n_val=4",
+                             "distill.prompts_per_domain=2")
+    cfg, rd = compose("distill", root / "resume", *over)
+    run(cfg, rd)
+    final = rd / "checkpoints" / "step-3"
+    final.rename(rd / "checkpoints" / "gone")
+    again = run(*compose("distill", root / "resume", *over))
+    assert again["metrics"]["steps"] == 3
+    steps = [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    resumed, original = (load_file(p / "model.safetensors") for p in (final, rd / "checkpoints" / "gone"))
+    assert all(torch.equal(resumed[k], original[k]) for k in original)
+    shutil.rmtree(rd)
+
+
+def test_config_errors_name_the_key(experts, tmp_path):
+    root, base, teachers = experts
+    cases = [
+        (["distill.kind=kl"], "distill.kind"),
+        ([f"teachers.math={tmp_path / 'nowhere'}"], "teachers.math"),
+        (["+distill.weights.chem=1.0"], "distill.weights.chem"),
+        (["distill.prompts_per_domain=0"], "distill.prompts_per_domain"),
+    ]
+    for extra, key in cases:
+        cfg, rd = compose("distill", tmp_path / "bad", *distill_overrides(base, teachers, *extra))
+        with pytest.raises(ConfigError, match=key):
+            run(cfg, rd)
+    cfg, rd = compose("distill", tmp_path / "bad", "+distill=default", f"teachers.math={teachers['math']}")
+    with pytest.raises(ConfigError, match="student"):
+        run(cfg, rd)
+    cfg, rd = compose("distill", tmp_path / "bad", "+distill=default", f"student={base}")
+    with pytest.raises(ConfigError, match="teachers"):
+        run(cfg, rd)
