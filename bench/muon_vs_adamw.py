@@ -27,7 +27,8 @@ from bench.common import table, write_json  # noqa: E402
 def overrides(args) -> list[str]:
     """The settings every run shares; only optim and optim.lr differ."""
     return [f"trainer.device={args.device}", f"trainer.max_steps={args.steps}",
-            f"trainer.seq_len={args.seq_len}", f"trainer.batch_size={args.batch_size}", f"trainer.eval_every={args.eval_every}",
+            f"trainer.seq_len={args.seq_len}", f"trainer.batch_size={args.batch_size}",
+            f"trainer.eval_every={args.eval_every}",
             f"trainer.eval_batches={args.eval_batches}", f"optim.warmup_steps={args.warmup}",
             "checkpoint.every=0", "checkpoint.keep=1", "logger.progress=false", "logger.wandb.mode=disabled",
             *args.extra]

@@ -27,31 +27,36 @@ class CompressorState:
         width = comp.wkv.out_features
         self.kv = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
         self.gate = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
-        self.entries = torch.zeros(batch, 0, comp.head_dim, device=device, dtype=dtype)
+        # entries [B, T, C] plus one scratch slot that absorbs the writes of rows without a new entry
+        self.store = torch.zeros(batch, 1, comp.head_dim, device=device, dtype=dtype)
+
+    @property
+    def entries(self) -> torch.Tensor:
+        return self.store[:, :-1]
 
     def append(self, comp: Compressor, x_BSD, step: DecodeStep, freqs) -> torch.Tensor:
         """Add the step's tokens; pool every window they complete; return all entries [B, T, C]."""
-        m, keep = self.rate, self.keep
+        m, keep, device = self.rate, self.keep, x_BSD.device
         kv_new, gate_new = comp.project(x_BSD)
         kv, gate = torch.cat([self.kv, kv_new], dim=1), torch.cat([self.gate, gate_new], dim=1)
-        before, after = step.lengths_B // m, (step.lengths_B + step.n_B) // m
-        n_new = after - before
-        most = int(n_new.max().item())
+        before_h, after_h = step.lengths_host // m, (step.lengths_host + step.n_host) // m
+        most, grown = int((after_h - before_h).max()), int(after_h.max())  # host values: no device sync
         if most > 0:
-            e = torch.arange(most, device=kv.device)
+            before, after = step.lengths_B // m, (step.lengths_B + step.n_B) // m
+            e = torch.arange(most, device=device)
             w = before.unsqueeze(1) + e  # window index of each new entry [B, E]
             first = w * m - step.lengths_B.unsqueeze(1) + keep  # row of its first token in (kv, gate)
-            idx = (first.unsqueeze(-1) + torch.arange(m, device=kv.device)).clamp(0, kv.shape[1] - 1)
+            idx = (first.unsqueeze(-1) + torch.arange(m, device=device)).clamp(0, kv.shape[1] - 1)
             cos, sin = cos_sin(freqs, w * m, x_BSD.dtype)
-            new = comp.pool(kv, gate, idx, w > 0, cos, sin)
-            grown = int(after.max().item())
-            if grown > self.entries.shape[1]:
-                pad = self.entries.new_zeros(self.entries.shape[0], grown - self.entries.shape[1], new.shape[-1])
-                self.entries = torch.cat([self.entries, pad], dim=1)
-            rows, slots = (e < n_new.unsqueeze(1)).nonzero(as_tuple=True)
-            self.entries[rows, before[rows] + slots] = new[rows, slots].to(self.entries.dtype)
-        self.kv = gather_tokens(kv, step.n_B.unsqueeze(1) + torch.arange(keep, device=kv.device))
-        self.gate = gather_tokens(gate, step.n_B.unsqueeze(1) + torch.arange(keep, device=kv.device))
+            new = comp.pool(kv, gate, idx, w > 0, cos, sin).to(self.store.dtype)
+            count = self.store.shape[1] - 1
+            if grown > count:
+                pad = self.store.new_zeros(self.store.shape[0], grown - count + 1, self.store.shape[-1])
+                self.store = torch.cat([self.store[:, :-1], pad], dim=1)
+            slot = torch.where(w < after.unsqueeze(1), w, grown)  # no new entry -> the scratch slot
+            self.store.scatter_(1, slot.unsqueeze(-1).expand_as(new), new)
+        self.kv = gather_tokens(kv, step.n_B.unsqueeze(1) + torch.arange(keep, device=device))
+        self.gate = gather_tokens(gate, step.n_B.unsqueeze(1) + torch.arange(keep, device=device))
         return self.entries
 
 
@@ -70,16 +75,22 @@ class DecodeCache:
         self.config: ModelConfig = model.config
         self.batch_size = batch_size
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=emb.device)
+        self.host_lengths = torch.zeros(batch_size, dtype=torch.long)  # a CPU copy: shapes without syncs
         self.layers = [LayerCache(layer.attn, batch_size, emb.device, emb.dtype) for layer in model.layers]
 
 
 class DecodeStep:
     """One append of n_B[b] tokens to every row of `cache` (the part of a forward that touches the cache)."""
 
-    def __init__(self, cache: DecodeCache, layers, n_B: torch.Tensor):
-        self.cache, self.n_B = cache, n_B
-        self.lengths_B = cache.lengths.clone()
+    def __init__(self, cache: DecodeCache, layers, n_B: torch.Tensor, n_host: torch.Tensor):
+        self.cache, self.n_B, self.n_host = cache, n_B, n_host
+        self.lengths_B, self.lengths_host = cache.lengths.clone(), cache.host_lengths.clone()
         self.slot = {layer.attn: i for i, layer in enumerate(layers)}
+
+    def finish(self) -> None:
+        """Advance the rows' lengths (after every layer has appended)."""
+        self.cache.lengths += self.n_B
+        self.cache.host_lengths += self.n_host
 
     def attend(self, attn, x_BSD: torch.Tensor, ctx) -> torch.Tensor:
         """Core attention [B, S, H, C] of the new tokens over cached and new keys; updates the layer cache."""
@@ -95,7 +106,7 @@ class DecodeStep:
         if attn.compressor is not None:
             freqs = ctx.freqs(attn.rope_label)
             comp = state.comp.append(attn.compressor, x_BSD, self, freqs)
-            nvis = (pos + 1) // attn.rate
+            nvis = ((pos + 1) // attn.rate).clamp(max=comp.shape[1])  # padding queries: clamp
             if attn.indexer is not None:
                 keys = state.index.append(attn.indexer.compressor, x_BSD, self, freqs)
                 iq, iw = attn.indexer.queries(x_BSD, qr, cos, sin)
@@ -103,7 +114,7 @@ class DecodeStep:
                 visible = torch.arange(keys.shape[1], device=pos.device) < nvis.unsqueeze(-1)
                 pairs.append(attn.select(scores, visible))
             else:
-                pairs.append(range_index(torch.zeros_like(nvis), nvis, comp.shape[1]))
+                pairs.append(range_index(torch.zeros_like(nvis), nvis, comp.shape[1], comp.shape[1]))
             sources.append(comp)
         keys, ok = gather_keys(sources, pairs)
         out, _ = attend(q, keys.to(q.dtype), ok, attn.attn_sink, attn.scale)

@@ -25,9 +25,10 @@ def window_index(query_src_S: torch.Tensor, pos_BS: torch.Tensor, window: int):
     return idx, j <= pos_BS.unsqueeze(-1)
 
 
-def range_index(first_BS: torch.Tensor, count_BS: torch.Tensor, total: int):
-    """Entries first .. first + count - 1 of each query: (indices [B, S, max count], ok)."""
-    width = int(count_BS.max().item()) if count_BS.numel() else 0
+def range_index(first_BS: torch.Tensor, count_BS: torch.Tensor, total: int, width: int | None = None):
+    """Entries first .. first + count - 1 of each query: (indices [B, S, width], ok); width >= max count."""
+    if width is None:
+        width = int(count_BS.max().item()) if count_BS.numel() else 0
     j = torch.arange(width, device=first_BS.device)
     idx = (first_BS.unsqueeze(-1) + j).clamp(max=max(total - 1, 0))
     return idx, j < count_BS.unsqueeze(-1)

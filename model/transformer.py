@@ -133,15 +133,17 @@ class Transformer(nn.Module):
         if batch != cache.batch_size:
             raise MoeforgeError(f"cache: built for {cache.batch_size} rows, input has {batch}")
         device = input_ids.device
-        n_B = torch.full((batch,), seq, dtype=torch.long, device=device) if lengths is None else lengths.long()
-        if n_B.shape != (batch,) or bool(((n_B < 0) | (n_B > seq)).any()):
-            raise MoeforgeError(f"lengths: need {batch} values in [0, {seq}], got {n_B.tolist()}")
+        n_host = torch.full((batch,), seq, dtype=torch.long) if lengths is None else lengths.long().cpu()
+        if n_host.shape != (batch,) or bool(((n_host < 0) | (n_host > seq)).any()):
+            raise MoeforgeError(f"lengths: need {batch} values in [0, {seq}], got {n_host.tolist()}")
+        n_B = n_host.to(device)
         logits, routings = [], []
         chunk = self.config.attn_chunk_tokens or PREFILL_CHUNK
         for lo in range(0, max(seq, 1), chunk):  # long prompts in chunks: bounded memory
             hi = min(lo + chunk, seq)
             part = [r[:, lo:hi] for r in replay] if replay is not None else None
-            out, r = self._append_step(input_ids[:, lo:hi], cache, (n_B - lo).clamp(0, hi - lo), part)
+            n_part = [(n - lo).clamp(0, hi - lo) for n in (n_B, n_host)]
+            out, r = self._append_step(input_ids[:, lo:hi], cache, *n_part, part)
             logits.append(out)
             routings.append(r)
         out = ModelOutput(torch.cat(logits, dim=1))
@@ -149,13 +151,13 @@ class Transformer(nn.Module):
             out.routing = [torch.cat(parts, dim=1) for parts in zip(*routings)]
         return out
 
-    def _append_step(self, input_ids, cache: DecodeCache, n_B: torch.Tensor, replay):
+    def _append_step(self, input_ids, cache: DecodeCache, n_B: torch.Tensor, n_host: torch.Tensor, replay):
         batch, seq = input_ids.shape
         positions = cache.lengths.unsqueeze(1) + torch.arange(seq, device=input_ids.device)
-        step = DecodeStep(cache, self.layers, n_B)
+        step = DecodeStep(cache, self.layers, n_B, n_host)
         ctx = ForwardContext(self.config, SeqLayout(positions, None), self.embed.weight.dtype, decode=step)
         streams, routings = self._trunk(input_ids, ctx, replay)
-        cache.lengths += n_B
+        step.finish()
         logits = self.head(self.norm(self.hc_head(streams)))
         return logits, [r.indices_NK.view(batch, seq, -1) for r in routings]
 

@@ -85,8 +85,8 @@ class DistributedMuon(Muon):
         return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
     def _orthogonalize(self, items: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-        specs = [(u, g["row_splits"], g["update_rms"], g["ns_coeffs"], resolve_ns_dtype(g["ns_dtype"], u.device))
-                 for u, g in items]
+        specs = [(u, g["row_splits"], g["update_rms"], g["ns_coeffs"],
+                  resolve_ns_dtype(g["ns_dtype"], u.device)) for u, g in items]
         return orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
 
     def _owned_updates(self, jobs: list) -> list[torch.Tensor]:
@@ -139,7 +139,8 @@ def build_distributed_optimizer(modules: nn.Module | list[nn.Module], cfg) -> Co
     if muon_part:
         muon = DistributedMuon(_muon_groups(muon_part), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.muon_momentum, nesterov=cfg.nesterov, update_rms=cfg.update_rms,
-                               ns_coeffs=hybrid_schedule(cfg.ns_steps, cfg.ns_pin_steps), ns_dtype=cfg.ns_dtype)
+                               ns_coeffs=hybrid_schedule(cfg.ns_steps, cfg.ns_pin_steps),
+                               ns_dtype=cfg.ns_dtype)
     opt = CombinedOptimizer({"muon": muon, "adamw": _adamw([a for a in assignments
                                                             if a.rule.optimizer == "adamw"], cfg)})
     for g in opt.param_groups:

@@ -80,15 +80,11 @@ def test_report_ratios_within_documented_bounds(tmp_path):
     assert text == (eff.ROOT / "docs" / "efficiency.md").read_text(), stale
 
 
-NO_CACHE = "model has no decode cache API yet (model.DecodeCache)"
-
-
-@pytest.mark.skipif(not hasattr(model, "DecodeCache"), reason=NO_CACHE)
 def test_decode_cache_size_matches_formula():
     cfg = ModelConfig.from_dict(TINY)
     torch.manual_seed(0)
     m = model.Transformer(cfg).eval()
-    cache = model.DecodeCache(cfg, 1)
+    cache = m.new_cache(1)
     ids = torch.randint(0, cfg.vocab_size, (1, 32))
     sizes = {}
     with torch.no_grad():

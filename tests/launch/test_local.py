@@ -74,7 +74,7 @@ def test_killed_pipeline_resumes_the_interrupted_step(tmp_path, cli, cli_backgro
     proc = cli_background("pipeline=smoke", f"hydra.run.dir={run}", cwd=tmp_path, log=tmp_path / "first.log")
     try:
         wait_until(lambda: (run / "anneal" / "checkpoints" / "step-1").is_dir() or proc.poll() is not None,
-                   600, "the anneal step's first checkpoint")
+                   600, "the anneal step's first checkpoint", poll=0.2)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -87,7 +87,7 @@ def test_killed_pipeline_resumes_the_interrupted_step(tmp_path, cli, cli_backgro
     assert "step pretrain: finished earlier, skipped" in out
     assert (run / "pretrain" / "DONE.json").read_text() == first_marker
     log = (run / "anneal" / "pretrain.log").read_text()
-    assert re.search(r"resumed from \S+/anneal/checkpoints/step-\d+ at step [1-3]\b", log), log[-2000:]
+    assert re.search(r"resumed from \S+/anneal/checkpoints/step-([12]) at step \1\b", log), log[-2000:]
     done = json.loads((run / "anneal" / "DONE.json").read_text())
-    assert done["checkpoint"].endswith("anneal/checkpoints/step-4") and done["metrics"]["steps"] == 4
+    assert done["checkpoint"].endswith("anneal/checkpoints/step-3") and done["metrics"]["steps"] == 3
     assert "anneal" in (run / "report.txt").read_text()

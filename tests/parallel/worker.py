@@ -1,10 +1,11 @@
 """torchrun worker for tests/parallel: several layouts per launch, each compared with one process.
 
-    torchrun --nproc-per-node N tests/parallel/worker.py OUT.json LAYOUT [LAYOUT ...]
+    torchrun --nproc-per-node N tests/parallel/worker.py OUT.json CKPT_DIR LAYOUT [LAYOUT ...]
 
-LAYOUT is `dp2`, `ep2`, `pp2:gpipe`, `dp2xep2`, `pp2xdp2:1f1b`, ... Rank 0 computes the single-process
-reference (the training loop's loss and clipping on the whole global batch) and writes, per layout, the
-loss and gradient norm of every step of both runs to OUT.json.
+LAYOUT is `dp2`, `ep2`, `pp2:gpipe`, `dp2xep2` (dp = 2 x 2), `pp2xdp2:1f1b`, ..., optionally with
+`@save` (write a checkpoint to CKPT_DIR after step SAVE_AT) or `@resume` (load CKPT_DIR, then run the
+remaining steps). Rank 0 computes the single-process reference (the training loop's loss and clipping on
+the whole global batch) and writes, per layout, the loss and gradient norm of every step run to OUT.json.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,13 +22,14 @@ from model import ModelConfig, Transformer
 from optim import OptimConfig, RoutingBiasUpdater, build_optimizer
 from optim.distributed import build_distributed_optimizer
 from train.losses import IGNORE, lm_and_mtp_loss
+from train.parallel import checkpoint
 from train.parallel.env import init_distributed
 from train.parallel.layout import resolve_layout
 from train.parallel.mesh import build_mesh
 from train.parallel.parallelize import parallelize
 
-STEPS, ROWS, SEQ, MTP_WEIGHT, CLIP = 3, 8, 16, 0.3, 1.0
-HANG_S = 40
+STEPS, SAVE_AT, ROWS, SEQ, MTP_WEIGHT, CLIP = 3, 1, 8, 16, 0.3, 1.0
+HANG_S = 300
 MODEL = dict(
     vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
     partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=32, sliding_window=8,
@@ -73,12 +76,13 @@ def reference() -> list[dict]:
         b = global_batch(step)
         out = model(b["input_ids"], b["doc_ids"])
         lm, mtp = lm_and_mtp_loss(out.logits, out.mtp_logits, b["labels"], b["doc_ids"])
-        (lm + MTP_WEIGHT * mtp + out.balance_loss).backward()
+        (lm + MTP_WEIGHT * mtp + out.balance_loss + out.indexer_loss).backward()
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], CLIP)
         opt.step()
         updater.update(out.expert_loads)
         opt.zero_grad(set_to_none=True)
-        out_steps.append({"loss": lm.item(), "grad_norm": norm.item(), "balance_loss": out.balance_loss.item()})
+        out_steps.append({"loss": lm.item(), "grad_norm": norm.item(),
+                          "balance_loss": out.balance_loss.item()})
     return out_steps
 
 
@@ -92,17 +96,23 @@ def parse(spec: str) -> dict:
     return cfg
 
 
-def run_layout(spec: str) -> list[dict]:
+def run_layout(spec: str, ckpt: str) -> list[dict]:
     world = dist.get_world_size()
+    spec, _, action = spec.partition("@")
     cfg = parse(spec)
+    if "dp" in cfg:  # `dp2xep2`: experts carved out of data parallelism, dp = 2 x 2
+        cfg["dp"] *= cfg.get("ep", 1)
     cfg.setdefault("dp", world // cfg.get("pp", 1))
     layout = resolve_layout(cfg, world, model_config(), batch_size=ROWS // cfg["dp"])
     pmesh = build_mesh(layout)
     pm = parallelize(new_model(), pmesh, bias_update_speed=OPTIM.bias_update_speed)
     opt = build_distributed_optimizer(pm.modules, OPTIM)
     rows = ROWS // layout.dp
-    out_steps = []
-    for step in range(STEPS):
+    out_steps, first = [], 0
+    if action == "resume":
+        first = checkpoint.load(Path(ckpt), pm, opt)["step"]
+        out_steps = [None] * first
+    for step in range(first, STEPS):
         b = global_batch(step)
         local = {k: v[pmesh.dp_rank * rows : (pmesh.dp_rank + 1) * rows] for k, v in b.items()}
         res = pm.forward_backward([local], MTP_WEIGHT)
@@ -112,11 +122,13 @@ def run_layout(spec: str) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         out_steps.append({"loss": res["parts"]["loss"], "grad_norm": norm,
                           "balance_loss": res["parts"].get("balance_loss")})
+        if action == "save" and step + 1 == SAVE_AT:
+            checkpoint.save(Path(ckpt), pm, opt, {"step": SAVE_AT})
     return out_steps
 
 
 def main() -> None:
-    out_path, specs = sys.argv[1], sys.argv[2:]
+    out_path, ckpt, specs = sys.argv[1], sys.argv[2], sys.argv[3:]
     faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang prints every thread's stack and exits
     init_distributed("cpu", timeout_s=HANG_S)
     torch.set_num_threads(1)
@@ -124,7 +136,7 @@ def main() -> None:
     dist.broadcast_object_list(ref, src=0)
     results = {"reference": ref[0]}
     for spec in specs:
-        results[spec] = run_layout(spec)
+        results[spec] = run_layout(spec, ckpt)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

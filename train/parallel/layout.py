@@ -9,6 +9,9 @@ from model.config import ModelConfig
 from model.errors import ConfigError
 
 # parallel.pp_schedule -> (torch.distributed.pipelining class name, stages per pp rank, stage placement)
+# The schedules that split backward into input and weight passes run without FSDP (dp = 1) for now: FSDP2
+# units reduce gradients before the weight pass (seen on torch 2.13: wrong gradient norms).
+SPLIT_BACKWARD = ("zero_bubble", "zbv", "dualpipev")
 SCHEDULES: dict[str, tuple[str, int, str]] = {
     "gpipe": ("ScheduleGPipe", 1, "loop"),
     "1f1b": ("Schedule1F1B", 1, "loop"),
@@ -33,6 +36,11 @@ class Layout:
     @property
     def edp(self) -> int:
         return self.dp // self.ep
+
+    @property
+    def fsdp(self) -> bool:
+        """FSDP2 wraps the model unless it would only add a one-rank data axis to a pipeline."""
+        return self.dp > 1 or self.pp == 1
 
     @property
     def stages_per_rank(self) -> int:
@@ -90,6 +98,11 @@ def resolve_layout(parallel, world: int, model_cfg: ModelConfig | None = None,
     if batch_size is not None and batch_size % microbatches:
         raise ConfigError("parallel.microbatches", f"must divide trainer.batch_size={batch_size} "
                                                    f"(per data-parallel rank), got {microbatches}")
+    if pp > 1 and schedule in SPLIT_BACKWARD and dp > 1:
+        raise ConfigError("parallel.pp_schedule",
+                          f"{schedule} splits backward into input and weight passes, which FSDP over "
+                          f"parallel.dp={dp} does not support yet; use 1f1b, gpipe or interleaved_1f1b, "
+                          "or dp=1")
     if pp > 1 and microbatches < layout.pp:
         raise ConfigError("parallel.microbatches", f"must be >= parallel.pp={pp}, got {microbatches}")
     return layout

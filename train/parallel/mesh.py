@@ -50,6 +50,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> ParallelMesh:
         raise MoeforgeError("train.parallel.build_mesh needs a process group (call init_distributed first)")
     if dist.get_world_size() != layout.world:
         raise MoeforgeError(f"layout is for {layout.world} processes but the job has {dist.get_world_size()}")
-    mesh = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep), mesh_dim_names=("pp", "edp", "ep"))
+    shape = (layout.pp, layout.edp, layout.ep)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep"))
     mesh["edp", "ep"]._flatten("dp")
     return ParallelMesh(layout, mesh, device_type)

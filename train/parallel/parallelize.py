@@ -17,7 +17,8 @@ from train.parallel.step import ParallelModel
 
 
 def parallelize(model: Transformer, pmesh: ParallelMesh, *, bias_update_speed: float = 0.001,
-                param_dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> ParallelModel:
+                param_dtype: torch.dtype | None = None,
+                activation_checkpointing: bool = False) -> ParallelModel:
     """Split `model` (built identically on every rank) for this rank; returns the `ParallelModel`."""
     layout = pmesh.layout
     device = torch.device(pmesh.device_type)
@@ -27,9 +28,11 @@ def parallelize(model: Transformer, pmesh: ParallelMesh, *, bias_update_speed: f
         if activation_checkpointing:
             from train.recompute import enable_activation_checkpointing
 
-            enable_activation_checkpointing(list(m.layers.values()) if hasattr(m.layers, "values") else m.layers)
+            blocks = m.layers.values() if isinstance(m.layers, torch.nn.ModuleDict) else m.layers
+            enable_activation_checkpointing(list(blocks))
         m.to(device)
-        apply_fsdp(m, pmesh, param_dtype)
+        if layout.fsdp:
+            apply_fsdp(m, pmesh, param_dtype)
     schedule_for = None
     if layout.pp > 1:
         # every rank passes a loss_fn (without one a schedule runs no backward); only the last stage calls it

@@ -72,7 +72,8 @@ class StageModule(nn.Module):
         batch, seq = input_ids.shape
         if self.is_first:
             streams = self.embed(input_ids).unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
-            later = [self.embed(F.pad(input_ids[:, 1 + k :], (0, min(1 + k, seq)))) for k in range(self._n_mtp())]
+            later = [self.embed(F.pad(input_ids[:, 1 + k :], (0, min(1 + k, seq))))  # token i+1+k
+                     for k in range(self._n_mtp())]
         else:
             streams, later = args[0], list(args[1:])
         ctx = ForwardContext(cfg, SeqLayout.build(batch, seq, input_ids.device, doc_ids), streams.dtype)
@@ -81,24 +82,29 @@ class StageModule(nn.Module):
             streams, routing = layer(streams, ctx, input_ids)
             routings.append(routing)
         if not self.is_last:
-            return self._with_aux(streams, routings, batch), *[e.clone() for e in later]
+            return self._with_aux(streams, routings, ctx, batch), *[e.clone() for e in later]
         logits = [self.head(self.norm(self.hc_head(streams)))]
         for block, emb in zip(self.mtp, later):
             streams, hidden, routing = block(streams, emb, ctx)
             logits.append(self.head(hidden))
             routings.append(routing)
-        logits[0] = self._with_aux(logits[0], routings, batch)
+        logits[0] = self._with_aux(logits[0], routings, ctx, batch)
         return tuple(logits)
 
-    def _with_aux(self, out: torch.Tensor, routings: list, batch: int) -> torch.Tensor:
+    def _with_aux(self, out: torch.Tensor, routings: list, ctx: ForwardContext, batch: int) -> torch.Tensor:
+        """Record this stage's expert loads; add its balance and indexer losses (global-batch share)."""
         balance, loads = Transformer._balance(self, routings, batch)
         if loads is not None:
             self.loads = loads if self.loads is None else self.loads + loads
-        if balance is None or not torch.is_grad_enabled():
+        ctx_losses = {"balance_loss": balance, "indexer_loss": Transformer._indexer_loss(self, ctx)}
+        aux = [v for v in ctx_losses.values() if v is not None]
+        if not aux or not torch.is_grad_enabled():
             return out
         share = sequence_share(batch, self.counts)
-        self.parts.add("balance_loss", balance * share)
-        return AuxLoss.apply(out, balance, share)
+        for name, value in ctx_losses.items():
+            if value is not None:
+                self.parts.add(name, value * share)
+        return AuxLoss.apply(out, sum(aux), share)
 
 
 def stage_loss_fn(stage: StageModule):

@@ -1,0 +1,111 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP): every rank writes its shards; any
+other world size or layout loads them (DCP reshards FSDP's DTensors; expert stacks are stored one tensor
+per expert, `<name>.<global expert>`, so any expert placement can pick its experts).
+
+Layout of `<dir>`: DCP's files (`.metadata`, `__<rank>_0.distcp`) holding `model.<name>` and
+`optim.<optimizer>.<name>.<state key>`, plus `train_state.json` (step, global data position and other
+JSON state) written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+
+from model.errors import MoeforgeError
+from optim.combined import CombinedOptimizer
+from train.parallel.expert import ExpertParallel
+from train.parallel.step import ParallelModel
+
+STATE_FILE = "train_state.json"
+_EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
+
+
+def _expert_offsets(modules) -> dict[str, int]:
+    """Global index of the first local expert of every expert parameter (ep offset + FSDP shard offset)."""
+    out = {}
+    for m in modules:
+        for prefix, sub in m.named_modules():
+            if isinstance(sub, ExpertParallel):
+                for name in ("w1", "w2", "w3"):
+                    p = getattr(sub, name)
+                    offset = sub.offset
+                    if isinstance(p, DTensor):  # FSDP Shard(0) over edp: torch.chunk sizes
+                        size = -(-sub.local // p.device_mesh.size())
+                        offset += p.device_mesh.get_local_rank() * size
+                    out[f"{prefix}.{name}"] = offset
+    return out
+
+
+def _entries(prefix: str, name: str, t: torch.Tensor, offsets: dict[str, int]) -> dict[str, torch.Tensor]:
+    """One checkpoint entry, or one per expert for a local expert stack."""
+    if name in offsets:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        return {f"{prefix}{name}.{offsets[name] + j}": local[j] for j in range(local.shape[0])}
+    return {prefix + name: t}
+
+
+def _state(pm: ParallelModel, optimizer: CombinedOptimizer | None, create: set[str] | None = None) -> dict:
+    """Flat name -> tensor view of this rank's model (and optimizer) state; `create` lists optimizer keys
+    whose (empty) state should be made so a load can fill it."""
+    offsets = _expert_offsets(pm.modules)
+    state: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
+    for m in pm.modules:
+        for name, t in m.state_dict().items():
+            state.update(_entries("model.", name, t, offsets))
+        params.update(dict(m.named_parameters()))
+    if optimizer is not None:
+        for key, opt in optimizer.optimizers.items():
+            for group in opt.param_groups:
+                for p, name in zip(group["params"], group["names"]):
+                    if create is not None:
+                        _make_state(opt, p, f"optim.{key}.{name}.", create)
+                    for sk, sv in opt.state.get(p, {}).items():
+                        if isinstance(sv, torch.Tensor):
+                            state.update(_entries(f"optim.{key}.", f"{name}.{sk}", sv,
+                                                  {f"{name}.{sk}": offsets[name]} if name in offsets else {}))
+    return state
+
+
+def _make_state(opt, p: torch.Tensor, prefix: str, saved: set[str]) -> None:
+    st = opt.state[p]
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        if any(k == prefix + key or k.startswith(prefix + key + ".") for k in saved) and key not in st:
+            st[key] = torch.zeros_like(p)
+    if prefix + "step" in saved and "step" not in st:
+        st["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, train_state: dict) -> Path:
+    """Write a sharded checkpoint of this layout to `path` (all ranks call it)."""
+    path = Path(path)
+    dcp.save(_state(pm, optimizer), checkpoint_id=str(path))
+    if dist.get_rank() == 0:
+        layout = pm.layout
+        meta = {**train_state, "layout": {"world": layout.world, "pp": layout.pp, "dp": layout.dp,
+                                          "ep": layout.ep, "pp_schedule": layout.pp_schedule}}
+        (path / STATE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    dist.barrier()
+    return path
+
+
+def load(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None) -> dict:
+    """Load a checkpoint written under any layout into this one; returns its JSON train state."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise MoeforgeError(f"{path} is not a distributed checkpoint ({STATE_FILE} missing)")
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    state = _state(pm, optimizer, create=saved if optimizer is not None else None)
+    missing = sorted(k for k in state if k not in saved)
+    if missing:
+        raise MoeforgeError(f"{path} lacks {missing[:5]} (was it written for another model config?)")
+    dcp.load(state, checkpoint_id=str(path))  # in place: per-expert entries are views of the stacks
+    return json.loads((path / STATE_FILE).read_text())
+
