@@ -7,10 +7,11 @@ bf16, fp8 and fp8_rowwise through the real training loop (`train.loop.Trainer.tr
 
 `prepare` trains the built-in corpus's tokenizer and writes the first `--rows` packed rows (so that the GPU
 machine, which has another Python and so another built-in corpus, trains on the same tokens). `train`
-runs `--steps` optimizer steps (or the first `--stop-after` of them; stopping early at `--time-limit` seconds) and writes every step's loss and
-time; `--tag` names the run (e.g. "loss" or "timing"). `report` compares each FP8 run with the BF16 run of
-the same tag: final loss (mean of the last `--last` steps) relative to BF16, and the median step time
-after `--warmup` steps. The table is printed last.
+runs `--steps` optimizer steps (or the first `--stop-after` of them; stopping early at `--time-limit`
+seconds) and writes every step's loss and time; `--tag` names the run (e.g. "loss" or "timing").
+`report` compares each FP8 run with the BF16 run of the same tag: the loss (mean over the `--last` steps
+that end at the step count every run of the tag reached) relative to BF16, and the median step time after
+`--warmup` steps. The table is printed last.
 """
 
 import argparse
@@ -55,7 +56,10 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def train(args) -> None:
+def train_one(args, precision: str, out: Path) -> None:
+    """One run of `precision`: the per-step records of the training loop, written to `out` every 25 steps
+    (so that a run killed from outside still leaves its steps)."""
+    import gc
     import tempfile
 
     import torch
@@ -66,14 +70,22 @@ def train(args) -> None:
     from train.loop import Trainer
 
     packed = PackedTokens(args.data)
-    overrides = [*MODEL_OVERRIDES, f"precision={args.precision}", f"trainer.seq_len={packed.seq_len}",
+    overrides = [*MODEL_OVERRIDES, f"precision={precision}", f"trainer.seq_len={packed.seq_len}",
                  f"trainer.batch_size={args.batch_size}", f"trainer.max_steps={args.steps}",
                  f"trainer.seed={args.seed}", *args.override]
     cfg = validate(compose(overrides))
 
     def data(trainer):
-        return SimpleNamespace(train=Loader(packed, trainer.t.batch_size, seed=args.seed), val=None, tokenizer=None)
+        loader = Loader(packed, trainer.t.batch_size, seed=args.seed)
+        return SimpleNamespace(train=loader, val=None, tokenizer=None)
 
+    def record(steps, wall):
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        write_json(out, {"tag": args.tag, "precision": precision, "overrides": overrides, "steps": steps,
+                         "requested_steps": args.steps, "max_memory_gib": mem, "wall_s": wall})
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir), data)
         steps, started = [], time.perf_counter()
@@ -82,33 +94,54 @@ def train(args) -> None:
             r = trainer.train_step()
             steps.append({k: r.get(k) for k in ("step", "loss", "step_time_s", "grad_norm", "tokens_per_s")})
             if r["step"] % 25 == 0 or r["step"] == 1:
-                print(f"{args.precision} step {r['step']} loss {r['loss']:.4f} {r['step_time_s'] * 1e3:.1f} ms",
-                      flush=True)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    write_json(Path(args.out), {"tag": args.tag, "precision": args.precision, "overrides": overrides,
-                                "requested_steps": args.steps, "steps": steps, "max_memory_gib": mem,
-                                "wall_s": time.perf_counter() - started})
+                ms = r["step_time_s"] * 1e3
+                print(f"{args.tag} {precision} step {r['step']} loss {r['loss']:.4f} {ms:.1f} ms", flush=True)
+                record(steps, time.perf_counter() - started)
+        record(steps, time.perf_counter() - started)
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def summarise(run: dict, last: int, warmup: int) -> dict:
+def train(args) -> None:
+    """Each precision of the comma-separated `--precision` in turn, in this process; one JSON each."""
+    for precision in args.precision.split(","):
+        train_one(args, precision, Path(args.out.format(precision=precision)))
+
+
+def summarise(run: dict, upto: int, last: int, warmup: int) -> dict:
+    """Loss = mean of steps upto-last+1..upto (the same steps, so the same batches, in every run of a tag);
+    step time = median after `warmup` steps (None when the run has no step after the warm-up)."""
     steps = run["steps"]
-    times = [s["step_time_s"] for s in steps[warmup:]] or [s["step_time_s"] for s in steps]
-    return {"tag": run["tag"], "precision": run["precision"], "steps": len(steps),
-            "final_loss": statistics.fmean(s["loss"] for s in steps[-last:]), "last_loss": steps[-1]["loss"],
-            "median_step_ms": 1e3 * statistics.median(times), "max_memory_gib": run.get("max_memory_gib")}
+    times = [s["step_time_s"] for s in steps[warmup:]]
+    return {"tag": run["tag"], "precision": run["precision"], "steps": len(steps), "compared_at_step": upto,
+            "final_loss": statistics.fmean(s["loss"] for s in steps[max(0, upto - last):upto]),
+            "median_step_ms": 1e3 * statistics.median(times) if times else None,
+            "timed_steps": len(times), "max_memory_gib": run.get("max_memory_gib"),
+            "run_environment": run.get("environment"), "overrides": run.get("overrides"),
+            "loss_curve": [s["loss"] for s in steps], "step_ms": [1e3 * s["step_time_s"] for s in steps]}
 
 
 def report(args) -> None:
-    rows = [summarise(json.loads(Path(f).read_text()), args.last, args.warmup) for f in args.runs]
+    found = [Path(f) for f in args.runs if Path(f).is_file()]
+    for f in sorted(set(args.runs) - {str(f) for f in found}):
+        print(f"missing run file {f}: left out")
+    runs = [json.loads(f.read_text()) for f in found]
+    common = {}
+    for r in runs:
+        common[r["tag"]] = min(common.get(r["tag"], len(r["steps"])), len(r["steps"]))
+    rows = [summarise(r, common[r["tag"]], args.last, args.warmup) for r in runs]
     base = {r["tag"]: r for r in rows if r["precision"] == "bf16"}
     for r in rows:
         b = base.get(r["tag"])
         if b is not None:
             r["loss_rel_to_bf16"] = r["final_loss"] / b["final_loss"] - 1.0
-            r["step_time_vs_bf16"] = r["median_step_ms"] / b["median_step_ms"]
+            if r["median_step_ms"] and b["median_step_ms"]:
+                r["step_time_vs_bf16"] = r["median_step_ms"] / b["median_step_ms"]
     write_json(Path(args.out), {"last": args.last, "warmup": args.warmup, "runs": rows})
-    print(table(rows, ["tag", "precision", "steps", "final_loss", "last_loss", "loss_rel_to_bf16",
-                       "median_step_ms", "step_time_vs_bf16", "max_memory_gib"]))
+    print(table(rows, ["tag", "precision", "steps", "compared_at_step", "final_loss", "loss_rel_to_bf16",
+                       "timed_steps", "median_step_ms", "step_time_vs_bf16", "max_memory_gib"]))
 
 
 def main() -> None:
@@ -121,14 +154,14 @@ def main() -> None:
     pp.add_argument("--vocab-size", type=int, default=32768)
     pt = sub.add_parser("train")
     pt.add_argument("--data", required=True)
-    pt.add_argument("--precision", required=True)
+    pt.add_argument("--precision", required=True, help="one or more, comma-separated: run one after another")
     pt.add_argument("--steps", type=int, default=300)
     pt.add_argument("--batch-size", type=int, default=8)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--stop-after", type=int, default=0, help="run only this many of the --steps (timing)")
     pt.add_argument("--time-limit", type=float, default=float("inf"))
     pt.add_argument("--tag", default="loss")
-    pt.add_argument("--out", required=True)
+    pt.add_argument("--out", required=True, help="JSON path; {precision} is replaced by the precision")
     pt.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     pr = sub.add_parser("report")
     pr.add_argument("runs", nargs="+")

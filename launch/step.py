@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from launch.compose import compose_stage
 from launch.inprocess import run_in_process
-from launch.launcher import launcher_config
+from launch.launcher import LauncherConfig, launcher_config
 from launch.markers import MARKER, checksum, read_marker, stale_reason, write_marker
 from launch.plan import PLACEHOLDER, Plan, Step
 from launch.procs import is_lead_process, job_env, rank_env_from_slurm, torchrun_argv
@@ -40,8 +41,9 @@ def resolve(plan: Plan, step: Step) -> tuple[list[str], dict[str, str | None]]:
         return marker
 
     inputs = {name: output_of(name).get("checksum") for name in plan.deps(step)}
+
     def fill(m) -> str:
-        return str(output_of(m.group(1))["checkpoint"])
+        return quote(str(output_of(m.group(1))["checkpoint"]))
 
     overrides = [PLACEHOLDER.sub(fill, o) for o in step.overrides]
     if step.input:
@@ -53,9 +55,16 @@ def resolve(plan: Plan, step: Step) -> tuple[list[str], dict[str, str | None]]:
             ckpt = step.input
             check_input_path(spec.input_key, ckpt)
             inputs["input"] = checksum(ckpt)
-        overrides.append(f"{spec.input_key}={ckpt}")
-    overrides.append(f"hydra.run.dir={step.run_dir}")
+        overrides.append(f"{spec.input_key}={quote(ckpt)}")
+    overrides.append(f"hydra.run.dir={quote(step.run_dir)}")
     return overrides, inputs
+
+
+def quote(path: str) -> str:
+    """A path as a Hydra override value (quoted when it has characters the override grammar treats)."""
+    if re.fullmatch(r"[\w/.\-+@%]+", str(path)):
+        return str(path)
+    return "'" + str(path).replace("'", "\\'") + "'"  # backslashes stay literal in Hydra's quoted strings
 
 
 def identity(overrides: list[str]) -> list[str]:
@@ -76,8 +85,10 @@ def run_step(plan: Plan, name: str) -> dict:
     why = f", re-run: {reason}" if reason not in ("not finished", "always run") else ""
     print(f"[moeforge] step {name} ({step.stage}) -> {step_dir}{why}", flush=True)
     spec = get_stage(step.stage)
-    cfg, _ = compose_stage(spec, overrides)
-    lc = launcher_config(cfg)
+    if step.launcher:
+        lc = LauncherConfig(**step.launcher)
+    else:
+        lc = launcher_config(compose_stage(spec, overrides)[0])
     started = time.time()
     if lc.world_size == 1:
         summary = run_in_process(spec, overrides)

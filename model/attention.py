@@ -73,7 +73,7 @@ class Attention(nn.Module):
         )
 
     def select(self, scores_BST: torch.Tensor, visible_BST: torch.Tensor):
-        """The one place where CSA picks its entries: top-k of the visible ones -> (indices, ok) [B, S, k']."""
+        """The one place where CSA picks entries: top-k of the visible ones -> (indices, ok) [B, S, k']."""
         return select_topk(scores_BST, visible_BST, self.index_topk)
 
     def project(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

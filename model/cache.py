@@ -5,7 +5,7 @@ one token) processes exactly what a full forward pass would compute for those po
 - window: the last `sliding_window` K=V vectors, right-aligned (slot j holds position length - W + j);
 - compressor state: the last m (HCA) or 2m (CSA: the overlap half of the previous window) projected tokens,
   right-aligned the same way, so that a window that completes can be pooled;
-- compressed entries and indexer keys [B, T, C] with T = the longest row's count (exact size, no slack).
+- compressed entries and indexer keys [B, T, C], T = the longest row's count (stored with one scratch slot).
 All tensors live on the model's device in its compute dtype. Use under `torch.no_grad()`.
 """
 
@@ -24,7 +24,7 @@ class CompressorState:
 
     def __init__(self, comp: Compressor, batch: int, device, dtype):
         self.rate, self.keep = comp.rate, comp.rate * (2 if comp.overlap else 1)
-        width = comp.wkv.out_features
+        width = comp.ape.shape[1]  # the projected width: head_dim, or 2 * head_dim with overlap
         self.kv = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
         self.gate = torch.zeros(batch, self.keep, width, device=device, dtype=dtype)
         # entries [B, T, C] plus one scratch slot that absorbs the writes of rows without a new entry
@@ -118,5 +118,6 @@ class DecodeStep:
             sources.append(comp)
         keys, ok = gather_keys(sources, pairs)
         out, _ = attend(q, keys.to(q.dtype), ok, attn.attn_sink, attn.scale)
-        state.window = gather_tokens(keys_src, self.n_B.unsqueeze(1) + torch.arange(window, device=pos.device))
+        keep = self.n_B.unsqueeze(1) + torch.arange(window, device=pos.device)  # the last W positions
+        state.window = gather_tokens(keys_src, keep)
         return out

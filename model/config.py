@@ -20,7 +20,7 @@ MLP_LAYER_TYPES = (HASH_MOE, MOE)
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 # `attn_impl`: "dense" = masked S x S reference (HF's math), "sparse" = per-query gather, linear memory.
 ATTN_IMPLS = ["dense", "sparse"]
-# `indexer_loss_mode`: "off", "dense" (warm-up: KL over all visible entries), "sparse" (over the selected set).
+# `indexer_loss_mode`: "off", "dense" (warm-up: KL over all visible entries), "sparse" (the selected set).
 INDEXER_LOSS_MODES = ("off", "dense", "sparse")
 DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
 DEFAULT_NUM_HASH_LAYERS = 3
@@ -208,9 +208,11 @@ class ModelConfig:
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError("model.attn_impl", f"{self.attn_impl!r} not in {ATTN_IMPLS}")
         if self.indexer_loss_mode not in INDEXER_LOSS_MODES:
-            raise ConfigError("model.indexer_loss_mode", f"{self.indexer_loss_mode!r} not in {INDEXER_LOSS_MODES}")
+            raise ConfigError(
+                "model.indexer_loss_mode", f"{self.indexer_loss_mode!r} not in {INDEXER_LOSS_MODES}"
+            )
         if not isinstance(self.attn_chunk_tokens, int) or self.attn_chunk_tokens < 0:
-            raise ConfigError("model.attn_chunk_tokens", f"must be an integer >= 0, got {self.attn_chunk_tokens!r}")
+            raise ConfigError("model.attn_chunk_tokens", f"must be an int >= 0: {self.attn_chunk_tokens!r}")
         if self.indexer_loss_coef < 0:
             raise ConfigError("model.indexer_loss_coef", "must be >= 0")
         for name in ("rms_norm_eps", "hc_eps", "swiglu_limit", "routed_scaling_factor", "initializer_range"):

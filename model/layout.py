@@ -29,7 +29,7 @@ class Entries:
         return self.start_BT.shape[1]
 
     def visible(self, lo: int = 0, hi: int | None = None, t0: int = 0, t1: int | None = None) -> torch.Tensor:
-        """bool [B, hi-lo, t1-t0]: query s in [lo, hi) may use entry t in [t0, t1) (same document, complete)."""
+        """bool [B, hi-lo, t1-t0]: query s in [lo, hi) may use entry t in [t0, t1) (same doc, complete)."""
         t = torch.arange(t0, self.count if t1 is None else t1, device=self.start_BT.device)
         first, nvis = self.first_BS[:, lo:hi, None], self.nvis_BS[:, lo:hi, None]
         return (t >= first) & (t < first + nvis)

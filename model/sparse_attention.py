@@ -10,8 +10,8 @@ from torch.utils.checkpoint import checkpoint
 from model.compressor import gather_tokens
 from model.indexer_loss import indexer_kl
 
-# Largest per-chunk intermediate (elements) when `attn_chunk_tokens` is 0.
-CHUNK_BUDGET = 1 << 24
+# Largest per-chunk intermediate (elements) when `attn_chunk_tokens` is 0, by device type.
+CHUNK_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 
 def window_index(query_src_S: torch.Tensor, pos_BS: torch.Tensor, window: int):
@@ -54,11 +54,12 @@ def attend(q_BSHC, keys_BSKC, ok_BSK, sink_H, scale: float):
     return out, logits
 
 
-def chunk_size(configured: int, seq: int, per_query: int) -> int:
+def chunk_size(configured: int, seq: int, per_query: int, device: torch.device) -> int:
     """Queries per chunk: the configured number, or as many as keep `per_query` elements each in budget."""
     if configured > 0:
         return min(configured, max(seq, 1))
-    return max(1, min(max(seq, 1), CHUNK_BUDGET // max(per_query, 1)))
+    budget = CHUNK_BUDGET.get(device.type, CHUNK_BUDGET["cpu"])
+    return max(1, min(max(seq, 1), budget // max(per_query, 1)))
 
 
 def sparse_layer(attn, q_BSHC, kv_BSC, comp_BTC, entries, index, pos_BS, mode: str, chunk_tokens: int):
@@ -70,8 +71,10 @@ def sparse_layer(attn, q_BSHC, kv_BSC, comp_BTC, entries, index, pos_BS, mode: s
     window = min(attn.window, seq)
     count = comp_BTC.shape[1] if comp_BTC is not None else 0
     width = window + (min(attn.index_topk, count) if index is not None else count)
-    per_query = b * max(width * (h + c), (index[0].shape[2] + h) * count if index is not None else 0)
-    step = chunk_size(chunk_tokens, seq, per_query)
+    n_index = index[0].shape[2] if index is not None else 0
+    gathered = count * (c + h + index[0].shape[3]) if index is not None and mode == "dense" else 0
+    per_query = b * max(width * (h + c), (n_index + h) * count, gathered)  # largest per-query tensor
+    step = chunk_size(chunk_tokens, seq, per_query, q_BSHC.device)
 
     def chunk(lo, hi, q, kv, comp, iq, iw, ikeys, sink):
         pairs, sources = [window_index(torch.arange(lo, hi, device=q.device), pos_BS[:, lo:hi], window)], [kv]

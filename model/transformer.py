@@ -88,15 +88,17 @@ class Transformer(nn.Module):
         and return their logits (no MTP, no losses). `return_routing`: `out.routing`, the expert ids
         [B, S, k] of every main layer; `routing`: replay such a list (weights from the current scores).
         """
-        if routing is not None and len(routing) != len(self.layers):
-            raise MoeforgeError(f"routing: expected {len(self.layers)} tensors (one per layer), got {len(routing)}")
+        n_layers = len(self.layers)
+        if routing is not None and len(routing) != n_layers:
+            raise MoeforgeError(f"routing: need one tensor per layer ({n_layers}), got {len(routing)}")
         if cache is not None:
             return self._append(input_ids, doc_ids, cache, lengths, return_routing, routing)
         if lengths is not None:
             raise MoeforgeError("lengths: only meaningful with cache= (prefill); pad and mask otherwise")
         cfg = self.config
         batch, seq = input_ids.shape
-        ctx = ForwardContext(cfg, SeqLayout.build(batch, seq, input_ids.device, doc_ids), self.embed.weight.dtype)
+        layout = SeqLayout.build(batch, seq, input_ids.device, doc_ids)
+        ctx = ForwardContext(cfg, layout, self.embed.weight.dtype)
         streams, routings = self._trunk(input_ids, ctx, routing)
         logits = self.head(self.norm(self.hc_head(streams)))
         mtp_logits = []

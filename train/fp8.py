@@ -144,8 +144,8 @@ def default_backend(model: nn.Module) -> str:
 
 
 def convert(model: nn.Module, precision: str, backend: str | None = None) -> nn.Module:
-    """Swap `model`'s modules to FP8 in place (see the module docstring) and return it; -> {name: class}
-    of what changed is `fp8_modules(model)`."""
+    """Swap `model`'s modules to FP8 in place (see the module docstring) and return it. `backend`: "triton"
+    or "reference"; default: `default_backend(model)`. `fp8_modules(model)` lists what changed."""
     plan = plan_for(precision, backend or default_backend(model))
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in HIGH_PRECISION:

@@ -9,6 +9,7 @@ weights, optimizer state, data position, RNG states and guard state all come bac
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, data_builder: Callable[[Trainer], object]):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and type(self) is Trainer:  # train.parallel hook
+            raise MoeforgeError("this Trainer runs one process; several (torchrun, parallel.*) need "
+                                "train.parallel.trainer.ParallelTrainer")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.t = to_object(cfg, "trainer")
         self.device = resolve_device(self.t.device)
@@ -159,6 +163,12 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         return sums
 
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (0 = off); returns the norm before clipping. (train.parallel hook: its
+        ParallelTrainer overrides this with the norm over every rank.)"""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
     def train_step(self) -> dict:
         """Take step `self.step + 1`; return its metrics record."""
         t, step = self.t, self.step
@@ -170,8 +180,7 @@ class Trainer:
         batches = [self.data.train.next_batch() for _ in range(t.grad_accum)]
         lengths = [n for b in batches for n in doc_lengths(b["doc_ids"])]
         sums = self.accumulate(batches, mtp_weight)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = self.clip_gradients(t.grad_clip)
         loss, grad_norm = sums["loss"].item(), grad_norm.item()
         verdict = self.guard.check(loss, grad_norm)
         if verdict is Verdict.OK:

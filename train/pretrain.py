@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from train.config import validate
 from train.loop import Trainer
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
+from train.parallel.trainer import make_trainer
 from train.plot import loss_curve
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ def build_data(trainer: Trainer):
 
     t = trainer.t
     return build_pretrain_data(trainer.cfg.data, vocab_size=trainer.model_cfg.vocab_size, seq_len=t.seq_len,
-                               batch_size=t.batch_size, seed=t.seed)
+                               batch_size=t.batch_size, seed=t.seed,
+                               rank=getattr(trainer, "data_rank", 0),  # train.parallel hook: shard by dp
+                               world=getattr(trainer, "data_world", 1))
 
 
 def _summary_metrics(records: list[dict]) -> dict:
@@ -49,7 +52,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     cfg = validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir, build_data)
+    trainer = make_trainer(cfg, run_dir, build_data)  # train.parallel hook: ParallelTrainer for parallel.*
+    run_dir = getattr(trainer, "log_dir", run_dir)  # train.parallel hook: ranks > 0 log in run_dir/ranks/<r>
     trainer.start()
     metrics = MetricsLogger(run_dir, cfg.logger, total_steps=trainer.t.max_steps, start_step=trainer.step,
                             config=OmegaConf.to_container(cfg, resolve=True),

@@ -120,3 +120,12 @@ def test_pipeline_step_fields_are_checked(tmp_path, raw, key):
     with pytest.raises(ConfigError) as e:
         _step(0, raw, "p", tmp_path)
     assert e.value.key == key
+
+
+@pytest.mark.parametrize("path", ["/runs/demo/pretrain/checkpoints/step-3", "/tmp/with space/x", "/tmp/it's",
+                                  "/a:b=c,d", "C:\\runs\\x"])
+def test_paths_survive_the_override_parser(path):
+    from launch.compose import parse
+    from launch.step import quote
+
+    assert parse([f"init={quote(path)}"])[0].value() == path

@@ -42,12 +42,23 @@ def test_compressed_entries_carry_context_beyond_the_window(layer_type, reaches)
     assert (delta > 1e-4) == reaches
 
 
+def random_lengths(gen, total=128):
+    """Random document lengths summing to `total`: short ones (below the rates) and long ones."""
+    lengths = []
+    while sum(lengths) < total:
+        short = torch.rand(1, generator=gen).item() < 0.4
+        lengths.append(int(torch.randint(1, 8 if short else 70, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("impl", ["dense", "sparse"])
 @pytest.mark.parametrize("layer_types", [[S, C, H, C], [H, C, S]])
-def test_packed_documents_match_separate_runs(layer_types):
-    model = model_for(layer_types, seed=1)
-    gen = torch.Generator().manual_seed(7)
-    rows = [[37, 5, 64, 3, 19], [1, 90, 37]]  # lengths; tails shorter than the rates on purpose
+def test_packed_documents_match_separate_runs(layer_types, impl):
+    model = model_for(layer_types, seed=1, attn_impl=impl, attn_chunk_tokens=11)
+    gen = torch.Generator().manual_seed(7 + len(layer_types))
+    rows = [[37, 5, 64, 3, 19], random_lengths(gen)]  # tails shorter than the rates on purpose
     ids = torch.randint(0, 97, (2, 128), generator=gen)
     doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
     packed = model(ids, doc_ids)

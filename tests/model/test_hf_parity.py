@@ -72,8 +72,11 @@ def test_parity_both_ways(name, tmp_path):
     # transformers' save_pretrained -> load_hf
     ref_model.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()
+    assert ours.config.attn_impl == "sparse"
     logits = ours(ids, with_mtp=False).logits
     assert (logits - ref).abs().max().item() < 1e-4
+    ours.config.attn_impl = "dense"  # the masked reference equals HF as well
+    assert (ours(ids, with_mtp=False).logits - ref).abs().max().item() < 1e-4
     assert ref.std() > 0.1  # a real signal, not a degenerate model
 
     # our export (MTP randomised too, several shards) -> transformers from_pretrained

@@ -14,7 +14,8 @@ def pair(layer_types, **overrides):
     """(dense, sparse) models with identical random weights; sparse in odd-sized query chunks."""
     dense = Transformer(small_model_config(layer_types, attn_impl="dense", **overrides))
     randomize_ours_(dense, 2)
-    sparse = Transformer(small_model_config(layer_types, attn_impl="sparse", attn_chunk_tokens=7, **overrides))
+    chunked = small_model_config(layer_types, attn_impl="sparse", attn_chunk_tokens=7, **overrides)
+    sparse = Transformer(chunked)
     sparse.load_state_dict(dense.state_dict())
     return dense, sparse
 
@@ -103,8 +104,9 @@ def test_every_parameter_learns_and_the_indexer_only_from_its_loss():
     params = dict(model.named_parameters())
     indexer = {n for n in params if ".attn.indexer." in n}
     assert indexer and all(p.requires_grad for p in params.values())
-    g_index = torch.autograd.grad(out.indexer_loss, list(params.values()), retain_graph=True, allow_unused=True)
-    g_rest = torch.autograd.grad(rest, list(params.values()), retain_graph=True, allow_unused=True)
+    kw = dict(retain_graph=True, allow_unused=True)
+    g_index = torch.autograd.grad(out.indexer_loss, list(params.values()), **kw)
+    g_rest = torch.autograd.grad(rest, list(params.values()), **kw)
     for (name, _), gi, gr in zip(params.items(), g_index, g_rest):
         nonzero_i = gi is not None and gi.abs().sum() > 0
         nonzero_r = gr is not None and gr.abs().sum() > 0

@@ -39,6 +39,7 @@ MODEL = dict(
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
     index_n_heads=2, index_head_dim=16, index_topk=4, n_routed_experts=8, num_experts_per_tok=2,
     moe_intermediate_size=32, num_nextn_predict_layers=1, max_position_embeddings=256, hc_sinkhorn_iters=5,
+    indexer_loss_coef=0.0,  # a per-batch mean (model.indexer_loss): no exact split over ranks, see report
     rope_parameters={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64,
                      "beta_fast": 32, "beta_slow": 1},
 )

@@ -1,0 +1,142 @@
+"""`ParallelTrainer`: the training loop (`train.loop.Trainer`) on a device mesh.
+
+Same steps, metrics, guard and schedule as `Trainer`; what changes: the layout is validated before any
+process group starts, the process group comes from torchrun/srun (a group of one otherwise), the model is
+split by `parallelize`, the optimizer is distributed Muon + AdamW, the loss is normalised over the global
+batch, gradient norm/clipping and expert loads are global, and checkpoints are DCP (any layout resumes).
+The data loaders shard by data-parallel rank (`data_rank`, `data_world`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from model import ModelConfig
+from optim import OptimConfig
+from optim.distributed import build_distributed_optimizer
+from train import rng
+from train.config import to_object
+from train.loop import Trainer
+from train.parallel import checkpoint as dist_checkpoint
+from train.parallel.env import detect_env, init_distributed
+from train.parallel.layout import resolve_layout
+from train.parallel.mesh import build_mesh
+from train.parallel.parallelize import parallelize
+from train.precision import resolve_device
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def wants_parallel(cfg: DictConfig) -> bool:
+    """True under torchrun/srun with several processes, or when `parallel.*` asks for any split."""
+    p = cfg.parallel
+    return detect_env().world > 1 or any((p.get(k) or 1) > 1 for k in ("dp", "ep", "pp"))
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, data_builder) -> Trainer:
+    """`ParallelTrainer` when `wants_parallel(cfg)`, else the one-process `Trainer`."""
+    return (ParallelTrainer if wants_parallel(cfg) else Trainer)(cfg, run_dir, data_builder)
+
+
+class _BiasUpdates:
+    """`bias_updater` of the loop: splits this rank's concatenated expert loads per stage module."""
+
+    def __init__(self, pm):
+        self.pm = pm
+
+    def update(self, loads: torch.Tensor) -> None:
+        sizes = [len(u.buffers) for u in self.pm.updaters]
+        for updater, part in zip(self.pm.updaters, loads.split(sizes)):
+            if len(part):
+                updater.update(part)
+
+
+class ParallelTrainer(Trainer):
+    def __init__(self, cfg: DictConfig, run_dir: Path, data_builder):
+        t = to_object(cfg, "trainer")
+        model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        self.layout = resolve_layout(cfg.parallel, detect_env().world, model_cfg, t.batch_size)
+        device = resolve_device(t.device)
+        init_distributed(device.type)
+        self.pmesh = build_mesh(self.layout, device.type)
+        self.data_rank, self.data_world = self.pmesh.dp_rank, self.layout.dp
+        super().__init__(cfg, run_dir, data_builder)  # the whole model, identical on every rank (same seed)
+        optim_cfg = OptimConfig.from_dict(cfg.optim)
+        self.pm = parallelize(self.model, self.pmesh, bias_update_speed=optim_cfg.bias_update_speed)
+        self.optimizer = build_distributed_optimizer(self.pm.modules, optim_cfg)
+        self.bias_updater = _BiasUpdates(self.pm)
+        rank = dist.get_rank()
+        self.log_dir = self.run_dir if rank == 0 else self.run_dir / "ranks" / str(rank)
+        log.info("parallel layout: %s", self.layout.describe())
+
+    # ------------------------------------------------------------------ one step
+    def accumulate(self, batches, mtp_weight: float) -> dict[str, torch.Tensor]:
+        res = self.pm.forward_backward([self._to_device(b) for b in batches], mtp_weight)
+        sums = {k: torch.tensor(v) for k, v in res["parts"].items()}
+        loads = [x for x in res["expert_loads"] if x is not None]
+        if loads:
+            sums["expert_loads"] = torch.cat(loads).float().cpu()  # this rank's layers
+        return sums
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        return torch.tensor(self.pm.clip_grad_norm_(max_norm if max_norm > 0 else float("inf")))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Validation CE over all data ranks (None with a pipeline: not implemented there yet)."""
+        if self.layout.pp > 1:
+            return None
+        value = super().evaluate()
+        if value is None or self.layout.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.pmesh.group("dp"))
+        return float(t) / self.layout.dp
+
+    # ------------------------------------------------------------------ checkpoints (DCP)
+    def _complete(self) -> list[Path]:
+        """Complete checkpoints (train_state.json is written last), oldest first."""
+        found = sorted((int(m.group(1)), p) for p in self.ckpt_root.glob("step-*")
+                       if (m := _STEP_DIR.match(p.name)) and (p / dist_checkpoint.STATE_FILE).is_file())
+        return [p for _, p in found]
+
+    def _latest(self) -> Path | None:
+        found = self._complete()
+        return found[-1] if found else None
+
+    def start(self) -> None:
+        resume = str(self.cfg.resume)
+        path = self._latest() if resume == "auto" else (None if resume == "never" else Path(resume))
+        if path is not None:
+            self.restore(path)
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def restore(self, path: Path, keep_data_position: bool = False) -> None:
+        state = dist_checkpoint.load(path, self.pm, self.optimizer)
+        if not keep_data_position:
+            self.data.train.load_state_dict(state["data"])
+        self.guard.load_state_dict(state["guard"])
+        self.rollbacks = state.get("rollbacks", 0)
+        rng.restore(state["rng"])
+        self.step, self.last_checkpoint = state["step"], path
+
+    def save(self) -> Path:
+        path = self.ckpt_root / f"step-{self.step}"
+        state = {"step": self.step, "data": self.data.train.state_dict(), "guard": self.guard.state_dict(),
+                 "rollbacks": self.rollbacks, "rng": rng.capture(),
+                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        dist_checkpoint.save(path, self.pm, self.optimizer, state)
+        self.last_checkpoint = path
+        if dist.get_rank() == 0:
+            for old in self._complete()[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return path
