@@ -30,6 +30,14 @@ def domain_metrics(records: list[dict], teachers: dict[str, str], weights: dict[
     return out
 
 
+def headline(domains: dict[str, dict]) -> dict[str, float | None]:
+    """The flat numbers a pipeline report shows first: student and own-teacher score per domain."""
+    out = {}
+    for d, m in domains.items():
+        out[f"student_score/{d}"], out[f"teacher_score/{d}"] = m["student_score"], m["teacher_score"]
+    return out
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 

@@ -27,7 +27,7 @@ from distill.config import DistillConfig
 from distill.evaluate import check_cache_support, domain_scores, teacher_scores
 from distill.objective import distill_objective, gather_positions, response_positions
 from distill.prompts import PromptSampler, domain_tasks
-from distill.report import PLOT_FILE, domain_metrics, kl_curve, write_report
+from distill.report import PLOT_FILE, domain_metrics, headline, kl_curve, write_report
 from distill.teacher import Teacher, model_config_of
 from model.errors import ConfigError
 from rl.rollout import Rollout, SamplingConfig, generate, task_prompt
@@ -263,9 +263,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "student": str(student),
         "teachers": {n: str(p) for n, p in teacher_paths.items()},
         "checkpoint": str(trainer.last_checkpoint),
-        "metrics": {"steps": trainer.step, "kind": dcfg.kind, "first_loss": losses[0] if losses else None,
-                    "final_loss": losses[-1] if losses else None, "domains": domains,
-                    "wall_s": time.perf_counter() - started},
+        "metrics": {**headline(domains), "steps": trainer.step, "kind": dcfg.kind,
+                    "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                    "domains": domains, "wall_s": time.perf_counter() - started},
         "report": str(report),
         "plot": str(plot),
         "run_dir": str(run_dir),
