@@ -100,6 +100,8 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.w1.shape[0])
         token = order // indices_NK.shape[1]
         rows = x_ND[token]
+        if rows.is_cuda and torch.is_autocast_enabled("cuda"):
+            rows = rows.to(torch.get_autocast_dtype("cuda"))  # autocast leaves gathered rows in fp32
         impl = impl or ("grouped" if self.grouped_usable(rows) else "loop")
         if impl == "grouped":
             y = self.grouped(rows, torch.cumsum(counts, 0).to(torch.int32))

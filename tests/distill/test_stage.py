@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from data.build import build_tokenizer
 from data.config import DataConfig
+from data.sft import task_conversations
+from data.tasks import load_tasks
 from data.tokenizer import tokenizer_hash
 from distill.config import DistillConfig
 from distill.losses import divergence
@@ -36,6 +38,7 @@ MODEL = ["model.vocab_size=512", "model.hidden_size=64", "model.num_hidden_layer
 QUIET = ["logger.progress=false", "logger.wandb.mode=disabled", "trainer.spike.enabled=false",
          "trainer.log_every=50"]
 SFT_STEPS = 300
+STUDENT_SFT_STEPS = 120
 DISTILL_STEPS = 60
 
 
@@ -141,37 +144,49 @@ def compose(stage: str, run_dir, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    """A random base (the student) and two SFT experts started from it: math and code."""
+def base(tmp_path_factory):
+    """A random-init checkpoint with the tokenizer trained on the built-in corpus, and a maker of more."""
     root = tmp_path_factory.mktemp("distill")
     data = [f"data.cache_dir={root / 'cache'}", "data.max_bytes=300000"]
     cfg, _ = compose("sft", root / "base", "+domain=math", *data)
     tok = build_tokenizer(DataConfig.from_dict(cfg.data), 512)
-    rng.seed_all(0)
     model_dict = OmegaConf.to_container(cfg.model, resolve=True)
-    base = checkpoint.save(root / "base", 0, Transformer(ModelConfig.from_dict(model_dict)), None,
-                           config={"model": model_dict}, tokenizer_hash=tokenizer_hash(tok),
-                           extra_files={"tokenizer.json": tok.to_str()})
-    teachers = {}
-    for domain in ("math", "code"):
-        cfg, rd = compose("sft", root / f"sft-{domain}", f"+domain={domain}", f"init={base}", *data,
-                          f"trainer.max_steps={SFT_STEPS}", "trainer.seq_len=128", "trainer.batch_size=8",
-                          "trainer.eval_every=0", "checkpoint.every=0", "optim.lr=3e-3",
-                          "optim.warmup_steps=10", "domain.n_val=16")
-        teachers[domain] = sft_run(cfg, rd)["checkpoint"]
-    return root, base, teachers
+
+    def random_checkpoint(name: str, seed: int):
+        rng.seed_all(seed)
+        return checkpoint.save(root / name, 0, Transformer(ModelConfig.from_dict(model_dict)), None,
+                               config={"model": model_dict}, tokenizer_hash=tokenizer_hash(tok),
+                               extra_files={"tokenizer.json": tok.to_str()})
+
+    return root, data, random_checkpoint("base", 0), random_checkpoint
 
 
-def distill_overrides(base, teachers, *extra):
-    return ["+distill=default", f"student={base}", f"teachers.math={teachers['math']}",
-            f"teachers.code={teachers['code']}", "distill.max_new_tokens=32", "optim.lr=3e-3",
-            "optim.warmup_steps=5", *extra]
+def sft(root, data, init, name: str, steps: int, *overrides: str) -> str:
+    cfg, rd = compose("sft", root / name, f"init={init}", *data, f"trainer.max_steps={steps}",
+                      "trainer.seq_len=128", "trainer.batch_size=8", "trainer.eval_every=0", "checkpoint.every=0",
+                      "optim.lr=3e-3", "optim.warmup_steps=10", "domain.n_val=16", *overrides)
+    return sft_run(cfg, rd)["checkpoint"]
 
 
+@pytest.fixture(scope="module")
+def experts(base):
+    """From one random base: a math expert and a code expert (SFT on their domain), and the student: the
+    base after a brief SFT on both domains' conversations (a weak generalist)."""
+    root, data, start, _ = base
+    teachers = {d: sft(root, data, start, f"sft-{d}", SFT_STEPS, f"+domain={d}") for d in ("math", "code")}
+    mixed = root / "mixed.jsonl"
+    convs = task_conversations(load_tasks("math", "train", 1000, 0) + load_tasks("code", "train", 1000, 0))
+    mixed.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    student = sft(root, data, start, "sft-mixed", STUDENT_SFT_STEPS, "+domain=math", "sft.source=conversations",
+                  "data=files", f"data.path={mixed}")
+    return root, student, teachers
+
+
+@pytest.mark.slow
 def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
-    root, base, teachers = experts
+    root, student, teachers = experts
     cfg, rd = compose("distill", root / "distill", *distill_overrides(
-        base, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0", "checkpoint.every=0"))
+        student, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0", "checkpoint.every=0"))
     summary = run(cfg, rd)
     doms = summary["metrics"]["domains"]
     print(json.dumps({d: {k: m[k] for k in ("teacher_scores", "student_score_before", "student_score",
@@ -188,9 +203,10 @@ def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
     assert json.loads((rd / "summary.json").read_text())["metrics"]["domains"]["code"] == doms["code"]
 
 
-def test_resume_is_exact_and_samples_are_the_students(experts):
-    root, base, teachers = experts
-    over = distill_overrides(base, teachers, "trainer.max_steps=3", "trainer.eval_every=0",
+def test_resume_is_exact(base):
+    root, _, student, random_checkpoint = base
+    teachers = {"math": random_checkpoint("t-math", 1), "code": random_checkpoint("t-code", 2)}
+    over = distill_overrides(student, teachers, "trainer.max_steps=3", "trainer.eval_every=0",
                              "checkpoint.every=2", "checkpoint.keep=3", "distill.n_val=4",
                              "distill.prompts_per_domain=2")
     cfg, rd = compose("distill", root / "resume", *over)
@@ -206,8 +222,9 @@ def test_resume_is_exact_and_samples_are_the_students(experts):
     shutil.rmtree(rd)
 
 
-def test_config_errors_name_the_key(experts, tmp_path):
-    root, base, teachers = experts
+def test_config_errors_name_the_key(base, tmp_path):
+    root, _, base, random_checkpoint = base
+    teachers = {"math": random_checkpoint("t-math", 1), "code": random_checkpoint("t-code", 2)}
     cases = [
         (["distill.kind=kl"], "distill.kind"),
         ([f"teachers.math={tmp_path / 'nowhere'}"], "teachers.math"),
