@@ -113,6 +113,11 @@ class Attention(nn.Module):
         if cfg.attn_impl == "sparse":
             pos = ctx.layout.positions_BS
             o, kl = sparse_layer(self, q, kv, comp, entries, index, pos, mode, cfg.attn_chunk_tokens)
+        elif cfg.attn_impl == "triton":  # Triton kernels; imported here so TRITON_INTERPRET is read late
+            from model.kernels.attn_layer import triton_layer
+
+            pos = ctx.layout.positions_BS
+            o, kl = triton_layer(self, q, kv, comp, entries, index, pos, mode, cfg.attn_chunk_tokens)
         else:
             o, kl = self.dense(q, kv, comp, entries, index, mode, ctx.window_mask())
         if kl is not None:

@@ -18,8 +18,9 @@ HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
-# `attn_impl`: "dense" = masked S x S reference (HF's math), "sparse" = per-query gather, linear memory.
-ATTN_IMPLS = ["dense", "sparse"]
+# `attn_impl`: "dense" = masked S x S reference (HF's math), "sparse" = per-query gather, linear memory,
+# "triton" = the Triton kernels of model/kernels/sparse_attn.py (CUDA; the interpreter on CPU).
+ATTN_IMPLS = ["dense", "sparse", "triton"]
 # `indexer_loss_mode`: "off", "dense" (warm-up: KL over all visible entries), "sparse" (the selected set).
 INDEXER_LOSS_MODES = ("off", "dense", "sparse")
 DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}

@@ -25,7 +25,7 @@ from train.config import to_object
 from train.flops import FlopModel, doc_lengths, peak_flops
 from train.guard import SpikeGuard, Verdict
 from train.losses import IGNORE, cross_entropy, label_counts, lm_and_mtp_loss
-from train.metrics import MetricsLogger
+from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import apply_fp8, autocast, resolve_device, resolve_precision
 from train.recompute import enable_activation_checkpointing
 
@@ -240,11 +240,17 @@ class Trainer:
         self.model.train()
         return (total / max(count, 1)).item()
 
+    def eval_metrics(self) -> dict:
+        """What a validation point records (stages with other held-out measures override this)."""
+        return {"val_loss": self.evaluate()}
+
     # ------------------------------------------------------------------ the run
-    def fit(self, metrics: MetricsLogger) -> None:
+    def fit(self, metrics: MetricsLogger, first: dict | None = None) -> None:
+        """Train to `trainer.max_steps`: validate every `eval_every` steps and at the end, checkpoint every
+        `checkpoint.every` steps and at the end. A fresh run first records step 0 (`first` + validation)."""
         t, every = self.t, self.cfg.checkpoint.every
         if self.step == 0:
-            metrics.log({"step": 0, "val_loss": self.evaluate()}, advance=False)
+            metrics.log({"step": 0, **(first or {}), **self.eval_metrics()}, advance=False)
         while self.step < t.max_steps:
             record = self.train_step()
             if "rolled_back_to" in record:
@@ -252,7 +258,22 @@ class Trainer:
                 continue
             done = self.step == t.max_steps
             if done or (t.eval_every and self.step % t.eval_every == 0):
-                record["val_loss"] = self.evaluate()
+                record.update(self.eval_metrics())
             metrics.log(record)
             if done or (every and self.step % every == 0):
                 self.save()
+
+    def train(self, first: dict | None = None) -> list[dict]:
+        """The whole stage's training: `start` (resume / init / fresh), `fit` with metrics to the run
+        directory, a final checkpoint if the run has none; returns the run's metric records."""
+        self.start()
+        metrics = MetricsLogger(self.run_dir, self.cfg.logger, total_steps=self.t.max_steps,
+                                start_step=self.step, config=OmegaConf.to_container(self.cfg, resolve=True),
+                                console_every=self.t.log_every)
+        try:
+            self.fit(metrics, first)
+        finally:
+            metrics.close()
+        if self.last_checkpoint is None:
+            self.save()
+        return read_jsonl(self.run_dir / METRICS_FILE)

@@ -24,6 +24,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def summarize(records: list[dict]) -> dict:
+    """The headline numbers of a run's records: steps, first/final train and validation loss, tokens/s."""
+    steps = [r for r in records if r.get("loss") is not None]
+    vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    speeds = [r["tokens_per_s"] for r in steps[1:] if r.get("tokens_per_s")]  # step 1 includes warm-up
+    return {
+        "steps": steps[-1]["step"] if steps else 0,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "first_val_loss": vals[0] if vals else None,
+        "final_val_loss": vals[-1] if vals else None,
+        "mean_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+    }
+
+
 def _clean(value):
     """JSON-safe scalar: NaN/inf become null, tensors and numpy scalars become Python numbers."""
     if hasattr(value, "item"):

@@ -163,8 +163,9 @@ def base(tmp_path_factory):
 
 def sft(root, data, init, name: str, steps: int, *overrides: str) -> str:
     cfg, rd = compose("sft", root / name, f"init={init}", *data, f"trainer.max_steps={steps}",
-                      "trainer.seq_len=128", "trainer.batch_size=8", "trainer.eval_every=0", "checkpoint.every=0",
-                      "optim.lr=3e-3", "optim.warmup_steps=10", "domain.n_val=16", *overrides)
+                      "trainer.seq_len=128", "trainer.batch_size=8", "trainer.eval_every=0",
+                      "checkpoint.every=0", "optim.lr=3e-3", "optim.warmup_steps=10", "domain.n_val=16",
+                      *overrides)
     return sft_run(cfg, rd)["checkpoint"]
 
 
@@ -177,16 +178,23 @@ def experts(base):
     mixed = root / "mixed.jsonl"
     convs = task_conversations(load_tasks("math", "train", 1000, 0) + load_tasks("code", "train", 1000, 0))
     mixed.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    student = sft(root, data, start, "sft-mixed", STUDENT_SFT_STEPS, "+domain=math", "sft.source=conversations",
-                  "data=files", f"data.path={mixed}")
+    student = sft(root, data, start, "sft-mixed", STUDENT_SFT_STEPS, "+domain=math",
+                  "sft.source=conversations", "data=files", f"data.path={mixed}")
     return root, student, teachers
+
+
+def distill_overrides(student, teachers, *extra):
+    return ["+distill=default", f"student={student}", f"teachers.math={teachers['math']}",
+            f"teachers.code={teachers['code']}", "distill.max_new_tokens=32", "optim.lr=3e-3",
+            "optim.warmup_steps=5", *extra]
 
 
 @pytest.mark.slow
 def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
     root, student, teachers = experts
     cfg, rd = compose("distill", root / "distill", *distill_overrides(
-        student, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0", "checkpoint.every=0"))
+        student, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0",
+        "checkpoint.every=0"))
     summary = run(cfg, rd)
     doms = summary["metrics"]["domains"]
     print(json.dumps({d: {k: m[k] for k in ("teacher_scores", "student_score_before", "student_score",
@@ -206,7 +214,7 @@ def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
 def test_resume_is_exact(base):
     root, _, student, random_checkpoint = base
     teachers = {"math": random_checkpoint("t-math", 1), "code": random_checkpoint("t-code", 2)}
-    over = distill_overrides(student, teachers, "trainer.max_steps=3", "trainer.eval_every=0",
+    over = distill_overrides(student, teachers, "trainer.max_steps=3", "optim.warmup_steps=1", "trainer.eval_every=0",
                              "checkpoint.every=2", "checkpoint.keep=3", "distill.n_val=4",
                              "distill.prompts_per_domain=2")
     cfg, rd = compose("distill", root / "resume", *over)

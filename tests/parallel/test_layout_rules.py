@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from model import ModelConfig
-from model.errors import ConfigError
+from model.errors import ConfigError, MoeforgeError
 from optim.distributed import assign_owners
-from train.parallel.env import detect_env
+from train.parallel.env import collective, detect_env
 from train.parallel.layout import resolve_layout
 from train.parallel.pipeline import split_layers
 
@@ -74,3 +74,10 @@ def test_rank_and_world_from_torchrun_or_slurm():
     torchrun = detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0"})
     assert (torchrun.rank, torchrun.world, torchrun.source) == (3, 4, "torchrun")
     assert detect_env({}).world == 1
+
+
+def test_a_failed_collective_names_rank_and_operation():
+    expected = r"rank 0: collective 'all_to_all_single\(ep\)' failed or timed out"
+    with pytest.raises(MoeforgeError, match=expected):
+        with collective("all_to_all_single(ep)"):
+            raise RuntimeError("[gloo] Timed out waiting 600000ms for recv operation to complete")

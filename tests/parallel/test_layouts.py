@@ -8,7 +8,7 @@ from dist_harness import assert_matches, torchrun
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
 FOUR = ["dp2xep2", "pp2xdp2:1f1b", "pp2xdp2:interleaved_1f1b", "pp2xep2:gpipe@save"]
-TWO = ["dp2", "ep2", *[f"pp2:{s}" for s in SCHEDULES], "dp2@resume"]
+TWO = ["dp2", "ep2", *[f"pp2:{s}" for s in SCHEDULES], "dp2@resume", "muon"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,10 @@ def test_two_process_layouts_and_resume_under_dp2(two):
     assert set(two) == {"reference", *TWO}
     assert two["dp2@resume"][0] is None and two["dp2@resume"][-1] is not None
     assert_matches(two)
+
+
+def test_muon_sees_only_whole_matrices(two):
+    assert two["muon"] == {"plain_refuses": True, "gathers_2d": True, "experts_local": True}
 
 
 def test_resume_under_one_process(four, ckpt):

@@ -14,7 +14,8 @@ import sys
 from dist_harness import ROOT, free_port
 
 COMMON = ["trainer.max_steps=2", "optim.warmup_steps=1", "trainer.seq_len=32", "trainer.eval_every=0",
-          "trainer.eval_batches=1", "checkpoint.every=0", "logger.progress=false", "trainer.spike.enabled=false"]
+          "trainer.eval_batches=1", "checkpoint.every=0", "logger.progress=false",
+          "trainer.spike.enabled=false"]
 
 
 def _run(cmd: list[str]) -> None:
@@ -38,7 +39,9 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path):
     ref, got = _steps(one), _steps(two)
     assert [r["step"] for r in got] == [1, 2] == [r["step"] for r in ref]
     for a, b in zip(got, ref):
-        for key in ("loss", "grad_norm", "balance_loss"):
-            assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (key, a, b)
+        for key, rel in (("loss", 1e-6), ("mtp_loss", 1e-6), ("balance_loss", 1e-5), ("grad_norm", 5e-5)):
+            # grad_norm: the plain loop's torch.nn.utils.clip_grad_norm_ sums in fp32 (1.4e-5 off the fp64
+            # norm on this model, measured); ours accumulates in fp64
+            assert abs(a[key] - b[key]) <= rel * abs(b[key]), (key, a, b)
     assert (two / "checkpoints" / "step-2" / "train_state.json").is_file()
     assert (two / "ranks" / "1" / "metrics.jsonl").is_file()  # rank 1 logs apart

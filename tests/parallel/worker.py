@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from model import ModelConfig, Transformer
+from model.errors import MoeforgeError
 from optim import OptimConfig, RoutingBiasUpdater, build_optimizer
-from optim.distributed import build_distributed_optimizer
+from optim.distributed import build_distributed_optimizer, needs_gather
 from train.losses import IGNORE, lm_and_mtp_loss
 from train.parallel import checkpoint
 from train.parallel.env import init_distributed
@@ -128,6 +129,22 @@ def run_layout(spec: str, ckpt: str) -> list[dict]:
     return out_steps
 
 
+def muon_checks() -> dict:
+    """Plain Muon refuses FSDP shards; distributed Muon gathers 2-D shards and keeps expert stacks local."""
+    world = dist.get_world_size()
+    pmesh = build_mesh(resolve_layout({"dp": world}, world, model_config()))
+    pm = parallelize(new_model(), pmesh)
+    try:
+        build_optimizer(pm.modules[0], OPTIM)
+        refused = ""
+    except MoeforgeError as e:
+        refused = str(e)
+    params = dict(pm.modules[0].named_parameters())
+    return {"plain_refuses": "sees only a shard" in refused,
+            "gathers_2d": needs_gather(params["layers.1.attn.wq_a.weight"], "wq_a"),
+            "experts_local": not needs_gather(params["layers.1.ffn.experts.w1"], "w1")}
+
+
 def main() -> None:
     out_path, ckpt, specs = sys.argv[1], sys.argv[2], sys.argv[3:]
     faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang prints every thread's stack and exits
@@ -137,7 +154,7 @@ def main() -> None:
     dist.broadcast_object_list(ref, src=0)
     results = {"reference": ref[0]}
     for spec in specs:
-        results[spec] = run_layout(spec, ckpt)
+        results[spec] = muon_checks() if spec == "muon" else run_layout(spec, ckpt)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

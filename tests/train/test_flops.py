@@ -57,3 +57,16 @@ def test_doc_lengths_per_row():
 def test_peak_flops():
     assert peak_flops(torch.device("cpu"), "fp32") is None
     assert peak_flops(torch.device("cpu"), "fp32", override_tflops=2.0) == 2e12
+
+
+def test_counts_match_the_models_masks():
+    """Window keys and causal compressed entries equal what the model's own masks let each query see."""
+    from model.layout import SeqLayout
+
+    g = torch.Generator().manual_seed(0)
+    doc_ids = torch.cumsum(torch.rand(3, 40, generator=g) < 0.08, dim=1)
+    layout = SeqLayout.build(3, 40, torch.device("cpu"), doc_ids)
+    lengths = doc_lengths(doc_ids)
+    assert int(layout.window_mask(8).sum()) == attended(lengths, 8, 0, None).window
+    for rate in (4, 16):
+        assert int(layout.entries(rate).visible_BST.sum()) == attended(lengths, 8, rate, None).candidates

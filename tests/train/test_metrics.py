@@ -6,7 +6,7 @@ import math
 from omegaconf import OmegaConf
 
 from train.config import LoggerConfig
-from train.metrics import METRICS_FILE, JsonlWriter, MetricsLogger, read_jsonl
+from train.metrics import METRICS_FILE, JsonlWriter, MetricsLogger, read_jsonl, summarize
 from train.plot import loss_curve
 
 
@@ -53,3 +53,12 @@ def test_loss_curve_png(tmp_path):
                             + "\n" for s in range(6)))
     png = loss_curve(path, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_summarize():
+    records = [{"step": 0, "val_loss": 9.0}, {"step": 1, "loss": 8.0, "tokens_per_s": 1.0},
+               {"step": 2, "loss": 7.0, "tokens_per_s": 10.0}, {"step": 3, "loss": 6.0, "tokens_per_s": 20.0,
+                                                               "val_loss": 6.5}]
+    assert summarize(records) == {"steps": 3, "first_loss": 8.0, "final_loss": 6.0, "first_val_loss": 9.0,
+                                  "final_val_loss": 6.5, "mean_tokens_per_s": 15.0}
+    assert summarize([])["steps"] == 0

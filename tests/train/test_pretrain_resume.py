@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from model.errors import MoeforgeError
 from train.checkpoint import MANIFEST, find_latest
 from train.metrics import read_jsonl
+from train.pretrain import run
 
 from .conftest import TINY
 
@@ -80,3 +84,13 @@ def test_sigkill_then_resume_auto_matches_a_straight_run(tmp_path):
     assert _weights_sha(straight / final) == _weights_sha(resumed / final)
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["checkpoint"] == str(resumed / final) and (resumed / "loss_curve.png").is_file()
+
+
+def test_resume_auto_refuses_a_corrupted_checkpoint(compose_cfg, tmp_path):
+    run(compose_cfg(*TINY, "trainer.max_steps=2", "checkpoint.every=1", "trainer.eval_every=0"), tmp_path)
+    weights = tmp_path / "checkpoints" / "step-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MoeforgeError, match=f"{weights} is corrupt"):
+        run(compose_cfg(*TINY, "trainer.max_steps=3", "trainer.eval_every=0"), tmp_path)

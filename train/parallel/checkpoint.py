@@ -79,8 +79,9 @@ def _make_state(opt, p: torch.Tensor, prefix: str, saved: set[str]) -> None:
     for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         if any(k == prefix + key or k.startswith(prefix + key + ".") for k in saved) and key not in st:
             st[key] = torch.zeros_like(p)
-    if prefix + "step" in saved and "step" not in st:
-        st["step"] = torch.zeros((), dtype=torch.float32)
+    if prefix + "step" in saved and "step" not in st:  # fused AdamW keeps `step` on the parameter's device
+        device = p.device if opt.defaults.get("fused") else "cpu"
+        st["step"] = torch.zeros((), dtype=torch.float32, device=device)
 
 
 def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, train_state: dict) -> Path:

@@ -26,11 +26,11 @@ def grad_norm(params: list[torch.Tensor], replicas: dict[int, int] | None = None
     """The L2 norm of all gradients of all ranks (fp64 accumulation). `replicas[id(p)]` counts the ranks
     holding identical copies of p's local gradient (default 1: every element on one rank)."""
     replicas = replicas or {}
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            g = local(p.grad).detach()
-            total += g.double().pow(2).sum().cpu() / replicas.get(id(p), 1)
+    grads = [(local(p.grad).detach(), replicas.get(id(p), 1)) for p in params if p.grad is not None]
+    device = grads[0][0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g, n in grads:
+        total += g.double().pow(2).sum() / n
     if dist.is_initialized() and dist.get_world_size() > 1:
         with collective("all_reduce(grad norm)"):
             dist.all_reduce(total)

@@ -6,6 +6,7 @@ reports the global-batch value), expert loads summed over dp for the layers this
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,27 +47,29 @@ class ParallelModel:
             m.train(mode)
 
     # ------------------------------------------------------------------ forward/backward
-    def forward_backward(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float) -> dict:
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], mtp_weight: float,
+                         forward_ctx: Callable = contextlib.nullcontext) -> dict:
         """Forward and backward of this data rank's rows of the global batch (a list of grad-accumulation
-        batches); returns the global loss parts and this rank's layers' expert loads (summed over dp)."""
+        batches); returns the global loss parts and this rank's layers' expert loads (summed over dp).
+        `forward_ctx()` wraps each forward (e.g. autocast); a pipeline schedule runs entirely inside it."""
         tgts = [targets(b, self.n_mtp) for b in batches]
         counts = global_counts(torch.cat(tgts), self.pmesh.group("dp"))
         parts = LossParts()
-        loads = []
         if self.schedule_for is None:
-            loads = self._plain(batches, tgts, counts, mtp_weight, parts)
+            loads = self._plain(batches, tgts, counts, mtp_weight, parts, forward_ctx)
         else:
-            loads = self._pipelined(batches, tgts, counts, mtp_weight, parts)
+            loads = self._pipelined(batches, tgts, counts, mtp_weight, parts, forward_ctx)
         return {"parts": self._reduce_parts(parts), "expert_loads": self._reduce_loads(loads)}
 
-    def _plain(self, batches, tgts, counts, mtp_weight, parts) -> list:
+    def _plain(self, batches, tgts, counts, mtp_weight, parts, forward_ctx) -> list:
         model, loads = self.modules[0], None
         micro = [(b, t, i) for b, t in zip(batches, tgts) for i in range(self.layout.microbatches)]
         for n, (batch, tgt, i) in enumerate(micro):
             rows = _rows(batch["input_ids"].shape[0], self.layout.microbatches, i)
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(n == len(micro) - 1)
-            out = model(batch["input_ids"][rows], batch["doc_ids"][rows])
+            with forward_ctx():
+                out = model(batch["input_ids"][rows], batch["doc_ids"][rows])
             total = lm_objective([out.logits, *out.mtp_logits], tgt[rows], counts, mtp_weight, parts)
             share = sequence_share(out.logits.shape[0], counts)
             for name in ("balance_loss", "indexer_loss"):
@@ -79,7 +82,7 @@ class ParallelModel:
                 loads = out.expert_loads.detach() if loads is None else loads + out.expert_loads.detach()
         return [loads]
 
-    def _pipelined(self, batches, tgts, counts, mtp_weight, parts) -> list:
+    def _pipelined(self, batches, tgts, counts, mtp_weight, parts, forward_ctx) -> list:
         for m in self.modules:
             m.counts, m.parts, m.loads, m.mtp_weight = counts, parts, None, mtp_weight
         holds_last = any(m.is_last for m in self.modules)
@@ -87,7 +90,8 @@ class ParallelModel:
             kwargs = {"input_ids": batch["input_ids"], "doc_ids": batch["doc_ids"]}
             if holds_last:
                 kwargs["target"] = tgt
-            self.schedule(*batch["input_ids"].shape).step(**kwargs)
+            with forward_ctx():
+                self.schedule(*batch["input_ids"].shape).step(**kwargs)
         return [m.loads for m in self.modules]
 
     def schedule(self, rows: int, seq: int):

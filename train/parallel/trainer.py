@@ -9,6 +9,7 @@ The data loaders shard by data-parallel rank (`data_rank`, `data_world`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -29,7 +30,7 @@ from train.parallel.env import detect_env, init_distributed
 from train.parallel.layout import resolve_layout
 from train.parallel.mesh import build_mesh
 from train.parallel.parallelize import parallelize
-from train.precision import resolve_device
+from train.precision import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -73,13 +74,15 @@ class ParallelTrainer(Trainer):
         self.pm = parallelize(self.model, self.pmesh, bias_update_speed=optim_cfg.bias_update_speed)
         self.optimizer = build_distributed_optimizer(self.pm.modules, optim_cfg)
         self.bias_updater = _BiasUpdates(self.pm)
-        rank = dist.get_rank()
-        self.log_dir = self.run_dir if rank == 0 else self.run_dir / "ranks" / str(rank)
+        if dist.get_rank() > 0:  # metrics of other ranks go apart (checkpoints: ckpt_root, already set)
+            self.run_dir = self.run_dir / "ranks" / str(dist.get_rank())
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         log.info("parallel layout: %s", self.layout.describe())
 
     # ------------------------------------------------------------------ one step
     def accumulate(self, batches, mtp_weight: float) -> dict[str, torch.Tensor]:
-        res = self.pm.forward_backward([self._to_device(b) for b in batches], mtp_weight)
+        ctx = functools.partial(autocast, self.precision, self.device)
+        res = self.pm.forward_backward([self._to_device(b) for b in batches], mtp_weight, ctx)
         sums = {k: torch.tensor(v) for k, v in res["parts"].items()}
         loads = [x for x in res["expert_loads"] if x is not None]
         if loads:
