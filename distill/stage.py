@@ -31,12 +31,12 @@ from distill.report import PLOT_FILE, domain_metrics, headline, kl_curve, write_
 from distill.teacher import Teacher, model_config_of
 from model.errors import ConfigError
 from rl.rollout import Rollout, SamplingConfig, generate, task_prompt
-from train.checkpoint import MANIFEST, read_manifest
+from train.checkpoint import MANIFEST
 from train.config import validate
 from train.guard import Verdict
 from train.loop import Trainer
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
-from train.precision import autocast, resolve_device
+from train.precision import autocast, resolve_device, resolve_precision
 from train.sft import section
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def resolve_inputs(cfg: DictConfig) -> tuple[Path, dict[str, Path]]:
 
 def student_config(cfg: DictConfig, student: Path) -> DictConfig:
     """The run's config with `init` = the student and `model` = the student checkpoint's model config."""
-    saved = OmegaConf.create(read_manifest(student)["config"]["model"])
-    model_config_of(student, "student")  # a checkpoint without a usable model config fails here
+    saved = OmegaConf.create(model_config_of(student, "student").to_dict())
     differs = [k for k in saved if k in cfg.model and cfg.model[k] != saved[k]]
     if differs:
         log.info("model.* taken from the student checkpoint %s (differs from the command line in %s)",
@@ -101,20 +100,21 @@ class DistillTrainer(Trainer):
 
     def __init__(self, cfg: DictConfig, run_dir: Path, dcfg: DistillConfig, teachers: dict[str, Teacher],
                  tokenizer):
-        self.dcfg, self.teachers, self._tok = dcfg, teachers, tokenizer
+        self.dcfg, self.teachers, self.tokenizer = dcfg, teachers, tokenizer
         super().__init__(cfg, run_dir, DistillTrainer._build_data)
         check_cache_support(self.model, dcfg)
         self.val = {d: domain_tasks(dcfg, d, "val") for d in teachers}
 
     def _build_data(self) -> DistillData:
         pools = {d: domain_tasks(self.dcfg, d, "train") for d in self.teachers}
-        return DistillData(self._tok, PromptSampler(pools, self.dcfg.prompts_per_domain, self.t.seed))
+        return DistillData(self.tokenizer, PromptSampler(pools, self.dcfg.prompts_per_domain, self.t.seed))
 
     # ------------------------------------------------------------------ sampling
     def sample(self, tasks: list[dict], step: int) -> Rollout:
         """`samples_per_prompt` responses of the student (never a teacher) to each task, seeded by step."""
         d = self.dcfg
-        prompts = [task_prompt(t, self._tok, d.system) for t in tasks for _ in range(d.samples_per_prompt)]
+        prompts = [task_prompt(t, self.tokenizer, d.system) for t in tasks
+                   for _ in range(d.samples_per_prompt)]
         cfg = SamplingConfig(max_new_tokens=d.max_new_tokens, temperature=d.sample_temperature, top_p=d.top_p,
                              use_cache=d.use_cache)
         gen = torch.Generator(device=self.device).manual_seed(self.t.seed * 1_000_003 + step)
@@ -157,6 +157,23 @@ class DistillTrainer(Trainer):
         sums["length"] = group.lengths.float().mean()
         return sums
 
+    def backward(self, roll: Rollout, domains: list[str]) -> tuple[float, dict, torch.Tensor | None]:
+        """Gradients of sum_d w_d * loss_d into the student (one teacher at a time); (loss, per-domain
+        metrics, summed expert loads)."""
+        self.model.train()
+        record: dict[str, float] = {}
+        loss, loads = 0.0, None
+        for name, teacher in self.teachers.items():
+            rows = [i for i, d in enumerate(domains) if d == name]
+            if not rows:
+                continue
+            sums = self._domain(roll, rows, teacher, len(domains))
+            loss += float(sums["loss"])
+            record[f"kl/{name}"], record[f"length/{name}"] = float(sums["kl"]), float(sums["length"])
+            if "expert_loads" in sums:
+                loads = sums["expert_loads"] if loads is None else loads + sums["expert_loads"]
+        return loss, record, loads
+
     def train_step(self) -> dict:
         """Sample, distil every domain's rows against its teacher, step; return the step's record."""
         t, step = self.t, self.step
@@ -166,17 +183,9 @@ class DistillTrainer(Trainer):
         tasks = self.data.train.next_batch()
         roll = self.sample(tasks, step)
         sampled = time.perf_counter()
-        self.model.train()
         domains = [task["domain"] for task in tasks for _ in range(self.dcfg.samples_per_prompt)]
-        record: dict[str, Any] = {"step": step + 1}
-        loss, loads = 0.0, None
-        for name, teacher in self.teachers.items():
-            rows = [i for i, d in enumerate(domains) if d == name]
-            sums = self._domain(roll, rows, teacher, len(domains))
-            loss += float(sums["loss"])
-            record[f"kl/{name}"], record[f"length/{name}"] = float(sums["kl"]), float(sums["length"])
-            if "expert_loads" in sums:
-                loads = sums["expert_loads"] if loads is None else loads + sums["expert_loads"]
+        loss, parts, loads = self.backward(roll, domains)
+        record: dict[str, Any] = {"step": step + 1, **parts}
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -200,7 +209,7 @@ class DistillTrainer(Trainer):
     def scores(self) -> dict:
         """The student's held-out accuracy and format rate per domain."""
         out = {}
-        for d, r in domain_scores(self.model, self._tok, self.val, self.dcfg).items():
+        for d, r in domain_scores(self.model, self.tokenizer, self.val, self.dcfg).items():
             out[f"student_score/{d}"], out[f"student_format/{d}"] = r["accuracy"], r["format_rate"]
         return out
 
@@ -221,12 +230,11 @@ class DistillTrainer(Trainer):
                 self.save()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Distil `teachers.*` into `student` for `trainer.max_steps` steps (resuming per `resume`); write
-    checkpoints, metrics.jsonl, teacher_scores.json, report.md, kl_curve.png and summary.json."""
+def build(cfg: DictConfig, run_dir: Path) -> DistillTrainer:
+    """Validate the config, load the frozen teachers and build the trainer (student not loaded yet:
+    `start()` resumes the run or loads the student)."""
     from data.tokenizer import load_tokenizer, tokenizer_hash
 
-    started = time.perf_counter()
     cfg = validate(cfg)
     dcfg = section(cfg, "distill", DistillConfig)
     student, teacher_paths = resolve_inputs(cfg)
@@ -234,13 +242,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if not (student / "tokenizer.json").is_file():
         raise ConfigError("student", f"checkpoint {student} has no tokenizer.json")
     tok = load_tokenizer(student)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.trainer.device)
     t_device = device if dcfg.teacher_device == "same" else resolve_device(dcfg.teacher_device)
-    teachers = {n: Teacher(n, p, t_device) for n, p in teacher_paths.items()}
+    precision = resolve_precision(cfg.precision.name, t_device)
+    teachers = {n: Teacher(n, p, t_device, precision) for n, p in teacher_paths.items()}
     check_teachers(teachers, tokenizer_hash(tok), int(cfg.model.vocab_size), dcfg)
-    trainer = DistillTrainer(cfg, run_dir, dcfg, teachers, tok)
+    return DistillTrainer(cfg, Path(run_dir), dcfg, teachers, tok)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Distil `teachers.*` into `student` for `trainer.max_steps` steps (resuming per `resume`); write
+    checkpoints, metrics.jsonl, teacher_scores.json, report.md, kl_curve.png and summary.json."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    trainer = build(cfg, run_dir)
+    cfg, dcfg, teachers, tok = trainer.cfg, trainer.dcfg, trainer.teachers, trainer.tokenizer
+    teacher_paths = {n: t.path for n, t in teachers.items()}
+    student = Path(str(cfg.init))
     trainer.start()
     matrix = teacher_scores(teachers, tok, trainer.val, dcfg, run_dir)
     metrics = MetricsLogger(run_dir, cfg.logger, total_steps=trainer.t.max_steps, start_step=trainer.step,

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from launch.compose import CONFIG_DIR, compose_stage, sweep_dir
 from launch.local import run_local
 from launch.plan import Plan
-from launch.planner import ROOT, default_dirs, pipeline_overrides, plan_pipeline, plan_stage
+from launch.planner import ROOT, default_dirs, pipeline_overrides, plan_pipeline, plan_stage, with_stage_key
 from launch.report import format_report
 from launch.slurm import run_slurm
 from launch.stages import STAGES, get_stage
@@ -52,8 +52,11 @@ def run_cli(args: list[str]) -> int:
         raise MoeforgeError(f"unknown option {sorted(unknown)[0]}; see moeforge --help")
     stage, pipeline, overrides = _target(words)
     if "--cfg" in flags:
-        spec = ROOT if pipeline else get_stage(stage)
-        print(OmegaConf.to_yaml(compose_stage(spec, overrides)[0]))
+        if pipeline:
+            cfg = compose_stage(ROOT, pipeline_overrides(pipeline, overrides))[0]
+        else:
+            cfg = compose_stage(get_stage(stage), with_stage_key(get_stage(stage), overrides))[0]
+        print(OmegaConf.to_yaml(cfg))
         return 0
     points = [overrides]
     if flags & {"-m", "--multirun"}:

@@ -37,7 +37,8 @@ def plan_stage(stage: str, overrides: list[str]) -> Plan:
 def plan_pipeline(name: str, overrides: list[str]) -> Plan:
     """The plan of configs/pipeline/<name>.yaml; every step's config is composed and checked here."""
     where = f"configs/pipeline/{name}.yaml"
-    cfg, run_dir = compose_stage(ROOT, pipeline_overrides(name, overrides))
+    infra = [o for o in overrides if _top_key(o) in ("hydra", "launcher")]
+    cfg, run_dir = compose_stage(ROOT, pipeline_overrides(name, infra))
     validate_stage(ROOT, cfg)
     run_dir = run_dir.resolve()
     raw = OmegaConf.to_container(cfg.pipeline, resolve=False) if cfg.get("pipeline") else None
@@ -48,17 +49,24 @@ def plan_pipeline(name: str, overrides: list[str]) -> Plan:
         raise ConfigError(f"{where}: overrides", "must be a list of strings")
     steps = order_steps([_step(i, s, where, run_dir) for i, s in enumerate(raw["steps"])], where)
     names = {s.name for s in steps}
+    user = [o for o in overrides if not _is_run_dir(o)]
+    used: set[str] = set()
+    errors: dict[str, ConfigError] = {}
     for step in steps:
         spec = get_stage(step.stage, f"{where}: step {step.name}: stage")
         first = [o for o in common if _applies(o, spec)]  # the pipeline's, then the step's, then the user's
-        last = [o for o in overrides if _applies(o, spec)]
-        step.overrides = with_stage_key(spec, first + step.overrides + last)
+        step.overrides = with_stage_key(spec, first + step.overrides + user)
         if step.input and spec.input_key is None:
             raise ConfigError(f"{where}: step {step.name}: input", f"stage {step.stage} takes no input")
         _absolute_input(step, names)
         if step.input and step.input not in names:
             check_input_path(f"{where}: step {step.name}: input", step.input)
-        step.launcher = _check_step(spec, step, run_dir, names)
+        step.launcher, dropped = _check_step(spec, step, run_dir, names, user)
+        used |= {o for o in user if o not in dropped}
+        errors = {**dropped, **errors}
+    for o in user:  # a command-line override goes to the steps whose config has its key; some step must
+        if o not in used:
+            raise ConfigError(errors[o].key, f"unknown key in every step of {where}")
     lc = launcher_config(cfg)
     return Plan(name, str(run_dir), steps, launcher=lc.name, max_parallel=lc.max_parallel)
 
@@ -115,7 +123,24 @@ def _absolute_input(step: Step, names: set[str]) -> None:
         step.input = str(Path(step.input).resolve())
 
 
-def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> dict:
+def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str],
+                optional: list[str]) -> tuple[dict, dict[str, ConfigError]]:
+    """Validate the step's config; return its launcher settings and the ``optional`` (command-line)
+    overrides taken out of it because its config has no such key (a key that some other step has)."""
+    dropped: dict[str, ConfigError] = {}
+    while True:
+        try:
+            return _check_step_once(spec, step, run_dir, names), dropped
+        except ConfigError as e:
+            unknown = [o for o in optional if o in step.overrides and parse([o])[0].key_or_group == e.key
+                       and "unknown key" in str(e)]
+            if not unknown:
+                raise ConfigError(f"step {step.name}: {e.key}", str(e)[len(e.key) + 2:]) from e
+            dropped[unknown[0]] = e
+            step.overrides.remove(unknown[0])
+
+
+def _check_step_once(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> dict:
     """Compose the step's config with stand-in paths for outputs of earlier steps, validate it, and
     return its launcher settings."""
     def stand_in_path(name: str) -> str:
@@ -128,20 +153,21 @@ def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> 
     elif from_step and spec.config_name != "config":  # a required key of the stage's own config
         stand_in.append(f"{spec.input_key}={stand_in_path(step.input)}")
     stand_in.append(f"hydra.run.dir={step.run_dir}")
-    try:
-        cfg, _ = compose_stage(spec, stand_in)
-        validate_stage(spec, cfg, check_input=not from_step)  # outputs are checked when the step starts
-        return asdict(launcher_config(cfg))
-    except ConfigError as e:
-        raise ConfigError(f"step {step.name}: {e.key}", str(e)[len(e.key) + 2:]) from e
+    cfg, _ = compose_stage(spec, stand_in)
+    validate_stage(spec, cfg, check_input=not from_step)  # outputs are checked when the step starts
+    return asdict(launcher_config(cfg))
 
 
 def _applies(override: str, spec: StageSpec) -> bool:
-    """Command-line overrides go to every step of the root config; launcher ones to every step."""
+    """The pipeline's own overrides go to every step of the root config; launcher ones to every step."""
     if _is_run_dir(override):
         return False
     key = parse([override])[0].key_or_group
     return spec.config_name == "config" or key.split(".")[0] == "launcher" or key.startswith("hydra.")
+
+
+def _top_key(override: str) -> str:
+    return parse([override])[0].key_or_group.split(".")[0]
 
 
 def _is_run_dir(override: str) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from launch.markers import read_marker
 from launch.plan import Plan
 
 MAX_METRICS = 4
+KEY = re.compile(r"^(final_|accuracy_|student_score|total_params|active_params|max_logit_diff|new_tokens)")
 
 
 def format_report(plan: Plan) -> str:
@@ -19,7 +21,7 @@ def format_report(plan: Plan) -> str:
         if marker is None:
             lines.append(f"  {step.name:<14} {step.stage:<10} not finished")
             continue
-        metrics = ", ".join(_fmt(k, v) for k, v in list(_scalars(marker.get("metrics") or {}))[:MAX_METRICS])
+        metrics = ", ".join(_fmt(k, v) for k, v in key_metrics(marker.get("metrics") or {}))
         secs = f"{marker['seconds']:.0f}s" if isinstance(marker.get("seconds"), int | float) else ""
         lines.append(f"  {step.name:<14} {step.stage:<10} {secs:>6}  {metrics or '-'}")
         summary = marker.get("summary") or {}
@@ -32,10 +34,11 @@ def format_report(plan: Plan) -> str:
     return text
 
 
-def _scalars(metrics: dict):
-    for k, v in metrics.items():
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            yield k, v
+def key_metrics(metrics: dict) -> list[tuple[str, float]]:
+    """Up to MAX_METRICS scalar metrics, the outcome ones (final losses, accuracies, scores) first."""
+    scalars = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    first = [kv for kv in scalars if KEY.search(kv[0])]
+    return (first + [kv for kv in scalars if kv not in first])[:MAX_METRICS]
 
 
 def _fmt(k: str, v) -> str:

@@ -1,10 +1,10 @@
 """Checkpoints: a directory with safetensors model and optimizer state and a JSON manifest.
 
-Layout of `<root>/step-<N>/`: `model.safetensors`, `optimizer.safetensors` (state tensors keyed
-`<parameter name>/<state key>`), `manifest.json` (config, step, data position and other JSON state, RNG
-states, tokenizer hash, sha256 of every file and of the manifest itself). A checkpoint is written as
-`<root>/.tmp-step-<N>` and renamed when complete, so a directory named `step-<N>` with a manifest is
-complete. Nothing is pickled.
+Layout of `<root>/step-<N>/`: `model.safetensors`, `optimizer.safetensors` (the optimizer's name-keyed
+`flat_state_dict()`, see optim.CombinedOptimizer), `manifest.json` (config, step, data position and other
+JSON state, RNG states, tokenizer hash, sha256 of every file and of the manifest itself), and extra files
+such as `tokenizer.json`. A checkpoint is written as `<root>/.tmp-step-<N>` and renamed when complete, so a
+directory named `step-<N>` with a manifest is complete. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.errors import MoeforgeError
+from optim.combined import CombinedOptimizer
 from train import rng
 
 MANIFEST = "manifest.json"
@@ -78,70 +79,9 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _param_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in names:
-                raise MoeforgeError("the optimizer holds a tensor that is not a parameter of the model")
-            order.append(names[id(p)])
-    return order
-
-
-def optimizer_to_flat(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Optimizer state keyed by parameter names: (tensors for safetensors, JSON for the manifest)."""
-    order = _param_order(model, optimizer)
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, entries in sd["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{order[idx]}/{key}"] = value
-            elif isinstance(value, (int, float, bool, str)) or value is None:
-                scalars[f"{order[idx]}/{key}"] = value
-            else:
-                raise MoeforgeError(f"optimizer state {order[idx]}/{key} has type {type(value).__name__}, "
-                                    "which a checkpoint cannot store")
-    start, groups = 0, []
-    for group in sd["param_groups"]:
-        n = len(group["params"])
-        g = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params"}
-        groups.append({**g, "params": order[start:start + n]})
-        start += n
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_from_flat(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict,
-                        meta: dict, source: Path) -> None:
-    """Inverse of `optimizer_to_flat`; `source` names the file in errors."""
-    index = {n: i for i, n in enumerate(_param_order(model, optimizer))}
-    state: dict[int, dict] = {}
-    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        name, key = flat.rsplit("/", 1)
-        if name not in index:
-            raise MoeforgeError(f"{source}: optimizer state for {name}, which this optimizer does not hold")
-        state.setdefault(index[name], {})[key] = value
-    groups = []
-    for group in meta["param_groups"]:
-        missing = [n for n in group["params"] if n not in index]
-        if missing:
-            raise MoeforgeError(f"{source}: optimizer group holds {missing[:3]}, unknown to this model")
-        groups.append({**group, "params": [index[n] for n in group["params"]]})
+def _load_optimizer(optimizer: CombinedOptimizer, meta: dict, source: Path) -> None:
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise MoeforgeError(f"{source}: optimizer state does not fit this optimizer: {e}") from e
-
-
-def _load_optimizer(model: torch.nn.Module, optimizer, meta: dict, source: Path) -> None:
-    """Optimizers with their own name-keyed state (`load_flat_state_dict`) load it; torch ones generically."""
-    tensors = _load_tensors(source)
-    if not hasattr(optimizer, "load_flat_state_dict"):
-        optimizer_from_flat(model, optimizer, tensors, meta, source)
-        return
-    try:
-        optimizer.load_flat_state_dict(tensors, meta)
+        optimizer.load_flat_state_dict(_load_tensors(source), meta)
     except (MoeforgeError, ValueError, KeyError) as e:
         raise MoeforgeError(f"{source}: optimizer state does not fit this optimizer: {e}") from e
 
@@ -171,7 +111,7 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
+def save(root: Path, step: int, model: torch.nn.Module, optimizer: CombinedOptimizer | None, *,
          state: dict | None = None, config: dict | None = None, tokenizer_hash: str | None = None,
          keep: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write `<root>/step-<step>` atomically (temporary name, fsync, rename) and keep the newest `keep`.
@@ -187,8 +127,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     files = [MODEL_FILE]
     optim_meta = None
     if optimizer is not None:
-        flat = getattr(optimizer, "flat_state_dict", None)
-        tensors, optim_meta = flat() if flat else optimizer_to_flat(model, optimizer)
+        tensors, optim_meta = optimizer.flat_state_dict()
         save_file(_cpu_tensors(tensors), tmp / OPTIM_FILE)
         files.append(OPTIM_FILE)
     for name, text in (extra_files or {}).items():
@@ -252,7 +191,7 @@ def _load_tensors(fpath: Path) -> dict[str, torch.Tensor]:
         raise MoeforgeError(f"{fpath} cannot be read: {e}") from e
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def load(path: Path, model: torch.nn.Module, optimizer: CombinedOptimizer | None = None,
          strict: bool = True) -> Checkpoint:
     """Verify checkpoint `path`, copy its weights (and optimizer state) in; RNG is returned, not restored."""
     path = Path(path)
@@ -261,7 +200,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is not None:
         if manifest["optimizer"] is None:
             raise MoeforgeError(f"{path} holds no optimizer state ({OPTIM_FILE} absent)")
-        _load_optimizer(model, optimizer, manifest["optimizer"], path / OPTIM_FILE)
+        _load_optimizer(optimizer, manifest["optimizer"], path / OPTIM_FILE)
     return Checkpoint(path=path, step=manifest["step"], state=manifest["state"], config=manifest["config"],
                       rng=manifest["rng"], tokenizer_hash=manifest["tokenizer_hash"])
 

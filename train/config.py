@@ -193,6 +193,9 @@ def _check_train(cfg: DictConfig) -> None:
                       ("indexer_warmup_steps", 0), ("spike.warmup_steps", 0), ("spike.max_bad_steps", 1),
                       ("spike.max_rollbacks", 0)):
         _check_int(f"trainer.{name}", OmegaConf.select(t, name), low)
+    limit = cfg.model.get("max_position_embeddings")
+    if limit is not None and t.seq_len > limit:
+        raise ConfigError("trainer.seq_len", f"{t.seq_len} exceeds model.max_position_embeddings={limit}")
     if t.grad_clip < 0:
         raise ConfigError("trainer.grad_clip", f"must be >= 0, got {t.grad_clip}")
     if t.spike.factor <= 1:

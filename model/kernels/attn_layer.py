@@ -59,7 +59,8 @@ def triton_layer(attn, q_BSHC, kv_BSC, comp_BTC, entries, index, pos_BS, mode: s
     for lo in range(0, seq, step):
         hi = min(lo + step, seq)
         if torch.is_grad_enabled() and seq > step:
-            kl, n = checkpoint(_kl_chunk, attn, lo, hi, *tensors, use_reentrant=False, preserve_rng_state=False)
+            kl, n = checkpoint(_kl_chunk, attn, lo, hi, *tensors, use_reentrant=False,
+                               preserve_rng_state=False)
         else:
             kl, n = _kl_chunk(attn, lo, hi, *tensors)
         kls.append(kl)

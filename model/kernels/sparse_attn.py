@@ -57,7 +57,7 @@ def _bwd_block(q, do, k, ok, lse, delta, hmask, dq, dsrc, rows, offs_c, C, scale
         dk = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
         ptrs = dsrc + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
-        tl.atomic_add(ptrs, dk, mask=ok[:, None] & (offs_c[None, :] < C))
+        tl.atomic_add(ptrs, dk, mask=ok[:, None] & (offs_c[None, :] < C), sem="relaxed")
     return dq
 
 
@@ -65,26 +65,34 @@ def _bwd_block(q, do, k, ok, lse, delta, hmask, dq, dsrc, rows, offs_c, C, scale
 def _entry_rows(idx_ptr, first, n, nvis, K, MODE: tl.constexpr):
     """(rows, ok) of the compressed entries n (a block of list slots or range offsets)."""
     if MODE == 1:
-        rows = tl.load(idx_ptr + n, mask=n < K, other=-1)
-        return tl.maximum(rows, 0), rows >= 0
-    return first + n, n < nvis
+        listed = tl.load(idx_ptr + n, mask=n < K, other=-1)
+        rows = tl.maximum(listed, 0)
+        ok = listed >= 0
+    else:
+        rows = first + n
+        ok = n < nvis
+    return rows, ok
 
 
 @triton.jit
-def _query_setup(q_ptr, pos_ptr, first_ptr, nvis_ptr, S, T, H, C, K,
+def _query_setup(pos_ptr, first_ptr, nvis_ptr, S, H, K,
                  MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets of this program's query (row bs = b * S + t) and its key counts."""
+    """This program's query (row bs = b * S + t), its heads and its key counts (all tensors)."""
     bs = tl.program_id(0).to(tl.int64)
     b = bs // S
     t = bs - b * S
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)
-    hmask = offs_h < H
     pos = tl.load(pos_ptr + bs)
-    first = tl.load(first_ptr + bs) if MODE == 2 else 0
-    nvis = tl.load(nvis_ptr + bs) if MODE == 2 else 0
-    n_ent = nvis if MODE == 2 else (K if MODE == 1 else 0)
-    return bs, b, t, offs_h, offs_c, hmask, pos, first, nvis, n_ent
+    if MODE == 2:
+        first = tl.load(first_ptr + bs)
+        nvis = tl.load(nvis_ptr + bs)
+        n_ent = nvis
+    else:
+        first = pos * 0
+        nvis = pos * 0
+        n_ent = pos * 0 + (K if MODE == 1 else 0)
+    return bs, b, t, offs_h, offs_c, offs_h < H, pos, first, nvis, n_ent
 
 
 @triton.jit
@@ -93,7 +101,7 @@ def _fwd_kernel(q_ptr, kv_ptr, cmp_ptr, idx_ptr, first_ptr, nvis_ptr, pos_ptr, s
                 WINDOW: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     bs, b, t, offs_h, offs_c, hmask, pos, first, nvis, n_ent = _query_setup(
-        q_ptr, pos_ptr, first_ptr, nvis_ptr, S, T, H, C, K, MODE, BLOCK_H, BLOCK_C)
+        pos_ptr, first_ptr, nvis_ptr, S, H, K, MODE, BLOCK_H, BLOCK_C)
     qmask = hmask[:, None] & (offs_c[None, :] < C)
     q_off = (bs * H + offs_h)[:, None] * C + offs_c[None, :]
     q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
@@ -123,7 +131,7 @@ def _dq_kernel(q_ptr, kv_ptr, cmp_ptr, idx_ptr, first_ptr, nvis_ptr, pos_ptr, do
                WINDOW: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     bs, b, t, offs_h, offs_c, hmask, pos, first, nvis, n_ent = _query_setup(
-        q_ptr, pos_ptr, first_ptr, nvis_ptr, S, T, H, C, K, MODE, BLOCK_H, BLOCK_C)
+        pos_ptr, first_ptr, nvis_ptr, S, H, K, MODE, BLOCK_H, BLOCK_C)
     qmask = hmask[:, None] & (offs_c[None, :] < C)
     q_off = (bs * H + offs_h)[:, None] * C + offs_c[None, :]
     q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
@@ -169,28 +177,29 @@ def _dkv_kernel(q_ptr, src_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr, first_ptr, 
         dk = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for t0 in range(lo, hi, BLOCK_Q):
             t = t0 + mq
-            live = (t < hi) & (mh < H)
             row = b * S + t
-            off = (row * H + mh)[:, None] * C + offs_c[None, :]
-            q = tl.load(q_ptr + off, mask=live[:, None] & cmask, other=0.0)
-            do = tl.load(do_ptr + off, mask=live[:, None] & cmask, other=0.0)
-            lse = tl.load(lse_ptr + row * H + mh, mask=live, other=0.0)
-            delta = tl.load(delta_ptr + row * H + mh, mask=live, other=0.0)
             if RANGE:
-                f = tl.load(first_ptr + row, mask=live, other=0)[:, None]
-                nv = tl.load(nvis_ptr + row, mask=live, other=0)[:, None]
+                f = tl.load(first_ptr + row, mask=t < hi, other=0)[:, None]
+                nv = tl.load(nvis_ptr + row, mask=t < hi, other=0)[:, None]
                 vis = (r[None, :] >= f) & (r[None, :] < f + nv)
             else:
                 d = t[:, None] - r[None, :]
-                vis = (d >= 0) & (d < WINDOW) & (d <= tl.load(pos_ptr + row, mask=live, other=0)[:, None])
-            vis = vis & live[:, None] & rok[None, :]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(k), input_precision=PREC) - delta[:, None])
-            dk += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+                vis = (d >= 0) & (d < WINDOW) & (d <= tl.load(pos_ptr + row, mask=t < hi, other=0)[:, None])
+            for h0 in range(0, H, BLOCK_H):
+                live = (t < hi) & (h0 + mh < H)
+                rh = row * H + h0 + mh
+                off = rh[:, None] * C + offs_c[None, :]
+                q = tl.load(q_ptr + off, mask=live[:, None] & cmask, other=0.0)
+                do = tl.load(do_ptr + off, mask=live[:, None] & cmask, other=0.0)
+                lse = tl.load(lse_ptr + rh, mask=live, other=0.0)
+                delta = tl.load(delta_ptr + rh, mask=live, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                p = tl.where(vis & live[:, None] & rok[None, :], tl.exp(s - lse[:, None]), 0.0)
+                ds = p * (tl.dot(do, tl.trans(k), input_precision=PREC) - delta[:, None])
+                dk += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
         ptrs = dsrc_ptr + (b * NK + r)[:, None] * C + offs_c[None, :]
-        tl.atomic_add(ptrs, dk, mask=rok[:, None] & cmask)
+        tl.atomic_add(ptrs, dk, mask=rok[:, None] & cmask, sem="relaxed")
 
 
 def _launch_config(h: int, c: int):
@@ -203,12 +212,12 @@ def _launch_config(h: int, c: int):
 
 
 def _dkv_config(h: int, c: int):
-    """Key-major kernel: (BLOCK_Q, BLOCK_H, BLOCK_C, BLOCK_N, QCHUNK, num_warps); BLOCK_Q queries x all
-    heads form the rows of each step."""
+    """Key-major kernel: (BLOCK_Q, BLOCK_H, BLOCK_C, BLOCK_N, QCHUNK, num_warps); BLOCK_Q queries x
+    BLOCK_H heads form the rows of each step (more heads: a loop over head blocks)."""
     block_c = max(16, triton.next_power_of_2(c))
-    block_h = triton.next_power_of_2(h)
     rows = 16 if interpreting() else (32 if block_c >= 256 else 64)
-    block_q = max(1, rows // block_h)
+    block_h = min(triton.next_power_of_2(h), rows)
+    block_q = rows // block_h
     if interpreting():
         return block_q, block_h, block_c, 16, 64, 1
     return block_q, block_h, block_c, 32 if block_c >= 256 else 64, 1024, 8 if block_c >= 256 else 4

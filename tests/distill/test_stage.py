@@ -20,12 +20,13 @@ from distill.config import DistillConfig
 from distill.losses import divergence
 from distill.objective import distill_objective
 from distill.prompts import PromptSampler
-from distill.stage import run
+from distill.stage import build, run
 from distill.teacher import Teacher
 from launch.compose import compose_stage
 from launch.stages import get_stage
 from model import ModelConfig, Transformer
 from model.errors import ConfigError
+from rl.rollout import SamplingConfig, generate
 from train import checkpoint, rng
 from train.sft import run as sft_run
 
@@ -152,10 +153,11 @@ def base(tmp_path_factory):
     tok = build_tokenizer(DataConfig.from_dict(cfg.data), 512)
     model_dict = OmegaConf.to_container(cfg.model, resolve=True)
 
-    def random_checkpoint(name: str, seed: int):
+    def random_checkpoint(name: str, seed: int, **model_extra):
         rng.seed_all(seed)
-        return checkpoint.save(root / name, 0, Transformer(ModelConfig.from_dict(model_dict)), None,
-                               config={"model": model_dict}, tokenizer_hash=tokenizer_hash(tok),
+        values = {**model_dict, **model_extra}
+        return checkpoint.save(root / name, 0, Transformer(ModelConfig.from_dict(values)), None,
+                               config={"model": values}, tokenizer_hash=tokenizer_hash(tok),
                                extra_files={"tokenizer.json": tok.to_str()})
 
     return root, data, random_checkpoint("base", 0), random_checkpoint
@@ -214,7 +216,8 @@ def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
 def test_resume_is_exact(base):
     root, _, student, random_checkpoint = base
     teachers = {"math": random_checkpoint("t-math", 1), "code": random_checkpoint("t-code", 2)}
-    over = distill_overrides(student, teachers, "trainer.max_steps=3", "optim.warmup_steps=1", "trainer.eval_every=0",
+    over = distill_overrides(student, teachers, "trainer.max_steps=3", "optim.warmup_steps=1",
+                             "trainer.eval_every=0",
                              "checkpoint.every=2", "checkpoint.keep=3", "distill.n_val=4",
                              "distill.prompts_per_domain=2")
     cfg, rd = compose("distill", root / "resume", *over)
@@ -228,6 +231,51 @@ def test_resume_is_exact(base):
     resumed, original = (load_file(p / "model.safetensors") for p in (final, rd / "checkpoints" / "gone"))
     assert all(torch.equal(resumed[k], original[k]) for k in original)
     shutil.rmtree(rd)
+
+
+def student_grads(trainer, roll, domains):
+    trainer.model.zero_grad(set_to_none=True)
+    loss, parts, _ = trainer.backward(roll, domains)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad(set_to_none=True)
+    return loss, parts, grads
+
+
+def test_teacher_weights_and_micro_batches_combine_exactly(base):
+    """loss = sum_d w_d * loss_d, whatever the micro-batch size; the teachers' weights never move and the
+    step's samples are the student's own."""
+    root, _, _, random_checkpoint = base
+    student = random_checkpoint("s-no-aux", 0, balance_loss_alpha=0.0)  # the distillation loss only
+    teachers = {"math": random_checkpoint("t-math", 1), "code": random_checkpoint("t-code", 2)}
+
+    def trainer_with(*extra):
+        cfg, rd = compose("distill", root / "weights", *distill_overrides(student, teachers, *extra),
+                          "distill.prompts_per_domain=3", "distill.max_new_tokens=6", "distill.n_val=2",
+                          "trainer.spike.enabled=false")
+        t = build(cfg, rd)
+        t.start()
+        return t
+
+    whole = trainer_with("+distill.weights.math=2.0", "+distill.weights.code=0.5")
+    tasks = whole.data.train.next_batch()
+    roll = whole.sample(tasks, 0)
+    ref = generate(whole.model, roll.prompts, SamplingConfig(max_new_tokens=6),
+                   torch.Generator().manual_seed(0))
+    assert torch.equal(roll.tokens, ref.tokens)  # the student's own samples (seed * 1_000_003 + step = 0)
+    domains = [t["domain"] for t in tasks]
+    loss, parts, grads = student_grads(whole, roll, domains)
+    split = trainer_with("distill.micro_batch=1")  # unit weights, one sequence per forward
+    per_domain = {d: student_grads(split, roll, [x if x == d else "none" for x in domains])
+                  for d in ("math", "code")}
+    assert loss == pytest.approx(2.0 * per_domain["math"][0] + 0.5 * per_domain["code"][0], rel=1e-5)
+    assert parts["kl/math"] == pytest.approx(per_domain["math"][1]["kl/math"], rel=1e-5)
+    for name, g in grads.items():
+        want = 2.0 * per_domain["math"][2].get(name, 0) + 0.5 * per_domain["code"][2].get(name, 0)
+        assert torch.allclose(g, torch.as_tensor(want), atol=1e-6), name
+    before = {n: p.clone() for n, p in whole.teachers["math"].model.named_parameters()}
+    whole.train_step()
+    assert all(torch.equal(p, before[n]) for n, p in whole.teachers["math"].model.named_parameters())
+    shutil.rmtree(root / "weights")
 
 
 def test_config_errors_name_the_key(base, tmp_path):

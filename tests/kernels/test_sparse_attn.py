@@ -4,14 +4,17 @@ packed sequences with several documents, including the first windows before any 
 import pytest
 import torch
 
+from model.errors import MoeforgeError
 from model.indexer import select_topk
 from model.kernels.sparse_attn import sparse_attention
 from model.layout import SeqLayout
 from model.sparse_attention import attend, gather_keys, range_index, window_index
-from tests.kernels.helpers import DEVICE, GPU, pick, randn, rel
+from tests.kernels.helpers import DEVICE, pick, randn, rel
 
 # (batch, seq, heads, head width, window, rate, top-k)
 SHAPE = pick((2, 40, 3, 32, 8, 4, 3), (2, 2048, 16, 512, 128, 4, 64))
+DTYPE, TOL = pick((torch.float32, 1e-5), (torch.bfloat16, 2e-2))
+MANY_HEADS = pick((1, 16, 36, 16, 4, 4, 2), (1, 1024, 64, 512, 128, 128, 0))  # several head blocks
 
 
 def layout(batch: int, seq: int) -> SeqLayout:
@@ -22,9 +25,9 @@ def layout(batch: int, seq: int) -> SeqLayout:
     return SeqLayout.build(batch, seq, torch.device(DEVICE), doc)
 
 
-def case(mode: str, seed: int):
+def case(mode: str, seed: int, shape=SHAPE):
     """Inputs, the kernel's entry arguments and the reference's (index, ok) pair for the entries."""
-    b, s, h, c, window, rate, topk = SHAPE
+    b, s, h, c, window, rate, topk = shape
     lay = layout(b, s)
     ent = lay.entries(rate)
     q = randn(seed, b, s, h, c)
@@ -52,27 +55,33 @@ def reference(q, kv, sink, comp, pos, window, pair):
     return attend(q, keys, ok, sink, q.shape[-1] ** -0.5)[0]
 
 
-@pytest.mark.parametrize("mode", ["csa", "hca", "sliding"])
-def test_kernel_matches_reference_outputs_and_gradients(mode):
-    tensors, pos, window, kwargs, pair = case(mode, seed=10)
-    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in tensors]
-    refs = [t.clone().requires_grad_(True) if t is not None else None for t in tensors]
+CASES = [("csa", SHAPE), ("hca", SHAPE), ("sliding", SHAPE), ("hca", MANY_HEADS)]
+
+
+@pytest.mark.parametrize("mode,shape", CASES)
+def test_kernel_matches_reference_outputs_and_gradients(mode, shape):
+    """fp32 in the interpreter; bf16 on a GPU (the fast path) against fp32 math on the same values."""
+    tensors, pos, window, kwargs, pair = case(mode, 10, shape)
+    rounded = [t.to(DTYPE).float() if t is not None and t.dim() > 1 else t for t in tensors]
+    refs = [t.clone().requires_grad_(True) if t is not None else None for t in rounded]
+    leaves = [t.to(DTYPE if t.dim() > 1 else t.dtype).requires_grad_(True) if t is not None else None
+              for t in rounded]
     q, kv, sink, comp = leaves
     out = sparse_attention(q, kv, sink, pos, window, q.shape[-1] ** -0.5, comp_BTC=comp, **kwargs)
     want = reference(*refs, pos, window, pair)
-    tol = 2e-3 if GPU else 1e-5
-    assert rel(out, want) < tol
+    assert out.dtype == DTYPE and rel(out, want) < TOL
     grad = randn(99, *out.shape)
-    torch.autograd.backward(out, grad)
-    torch.autograd.backward(want, grad)
+    torch.autograd.backward(out, grad.to(DTYPE))
+    torch.autograd.backward(want, grad.to(DTYPE).float())
     for got, ref in zip(leaves, refs):
         if got is not None:
-            assert got.grad is not None and rel(got.grad, ref.grad) < tol
+            assert got.grad is not None and rel(got.grad, ref.grad) < TOL
 
 
 def test_early_queries_see_only_window_and_sink():
     """Before a document's first entry completes, CSA and HCA equal sliding-only attention."""
     (q, kv, sink, comp), pos, window, kwargs, _ = case("hca", seed=20)
+    q, kv, comp = q.to(DTYPE), kv.to(DTYPE), comp.to(DTYPE)
     rate = SHAPE[5]
     early = pos < rate - 1
     hca = sparse_attention(q, kv, sink, pos, window, 0.5, comp_BTC=comp, **kwargs)
@@ -88,3 +97,14 @@ def test_bf16_inputs_close_to_fp32():
     out = sparse_attention(lo[0], lo[1], sink, pos, window, q.shape[-1] ** -0.5, comp_BTC=lo[2], **kwargs)
     want = reference(lo[0].float(), lo[1].float(), sink, lo[2].float(), pos, window, pair)
     assert out.dtype == torch.bfloat16 and rel(out, want) < 1e-2
+
+
+def test_user_errors_name_the_setting(monkeypatch):
+    q, kv, pos = torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 16), torch.zeros(1, 2, dtype=torch.long)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(MoeforgeError, match="model.attn_impl"):
+        sparse_attention(q, kv, torch.zeros(1), pos, 4, 1.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(MoeforgeError, match="idx or first/nvis"):
+        sparse_attention(q.to(DEVICE), kv.to(DEVICE), torch.zeros(1, device=DEVICE), pos.to(DEVICE), 4, 1.0,
+                         comp_BTC=kv.to(DEVICE))

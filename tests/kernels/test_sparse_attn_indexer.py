@@ -5,7 +5,7 @@ import torch
 
 from model.indexer import Indexer, select_topk
 from model.kernels.indexer_topk import index_scores, index_topk
-from tests.kernels.helpers import DEVICE, GPU, pick, randn
+from tests.kernels.helpers import GPU, pick, randn
 from tests.kernels.test_sparse_attn import layout
 
 # (batch, seq, indexer heads, indexer width, rate, top-k)
@@ -17,7 +17,8 @@ def inputs(seed: int):
     b, s, ni, ci, rate, _ = SHAPE
     ent = layout(b, s).entries(rate)
     q, w = randn(seed, b, s, ni, ci), randn(seed + 1, b, s, ni)
-    return q, w, randn(seed + 2, b, ent.count, ci), ent
+    keys = randn(seed + 2, b, ent.count, ci).to(pick(torch.float32, torch.bfloat16))  # bf16 as in the model
+    return q, w, keys, ent
 
 
 def test_scores_match_reference_with_mask():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import Transformer
+from tests.kernels.helpers import GPU
 from tests.model.v4_test_helpers import randomize_ours_, small_model_config
 
 LAYERS = ["compressed_sparse_attention", "heavily_compressed_attention"]
@@ -19,6 +20,7 @@ def batch(seq: int):
     return ids, doc_ids
 
 
+@pytest.mark.skipif(GPU, reason="interpreter test of the model wiring; the GPU runs the kernel tests")
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_triton_model_equals_sparse_reference(mode):
     cfg = dict(indexer_loss_mode=mode, index_topk=3, compress_rates={

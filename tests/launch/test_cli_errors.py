@@ -50,3 +50,13 @@ def test_help_lists_stages_and_pipelines(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "model-info" in out and "smoke" in out and "pipeline=<name>" in out
+
+
+def test_cfg_prints_the_composed_config_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--cfg", "sft", "+domain=math", "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/run"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "stage: sft" in out and "name: math" in out
+    assert not (tmp_path / "run").exists()

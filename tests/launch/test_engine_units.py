@@ -129,3 +129,21 @@ def test_paths_survive_the_override_parser(path):
     from launch.step import quote
 
     assert parse([f"init={quote(path)}"])[0].value() == path
+
+
+def test_report_shows_outcomes_export_and_generation(tmp_path):
+    from launch.report import format_report
+
+    steps = [Step(n, st, run_dir=str(tmp_path / n)) for n, st in
+             (("grpo-math", "grpo"), ("export", "export"), ("generate", "generate"), ("distill", "distill"))]
+    for s in steps:
+        (tmp_path / s.name).mkdir()
+    write_marker(tmp_path / "grpo-math", {"metrics": {"steps": 10, "n_val": 128, "accuracy_before": 0.1,
+                                                      "accuracy_after": 0.25}, "seconds": 61.2})
+    write_marker(tmp_path / "export", {"checkpoint": str(tmp_path / "export"), "metrics": {"params": 5}})
+    write_marker(tmp_path / "generate", {"summary": {"prompt": "2+2?", "completion": "4"}, "metrics": {}})
+    text = format_report(Plan("demo", str(tmp_path), steps))
+    assert "accuracy_before=0.1, accuracy_after=0.25, steps=10, n_val=128" in text and "61s" in text
+    assert f"exported model: {tmp_path / 'export'}" in text and "generation: '2+2?' -> '4'" in text
+    assert "distill" in text and "not finished" in text
+    assert (tmp_path / "report.txt").read_text() == text

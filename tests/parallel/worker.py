@@ -22,7 +22,7 @@ from model import ModelConfig, Transformer
 from model.errors import MoeforgeError
 from optim import OptimConfig, RoutingBiasUpdater, build_optimizer
 from optim.distributed import build_distributed_optimizer, needs_gather
-from train.losses import IGNORE, lm_and_mtp_loss
+from train.losses import IGNORE, cross_entropy, lm_and_mtp_loss
 from train.parallel import checkpoint
 from train.parallel.env import init_distributed
 from train.parallel.layout import resolve_layout
@@ -85,6 +85,9 @@ def reference() -> list[dict]:
         opt.zero_grad(set_to_none=True)
         out_steps.append({"loss": lm.item(), "grad_norm": norm.item(),
                           "balance_loss": out.balance_loss.item()})
+    b = global_batch(STEPS)
+    with torch.no_grad():
+        out_steps[-1]["eval"] = cross_entropy(model(b["input_ids"], b["doc_ids"]).logits, b["labels"]).item()
     return out_steps
 
 
@@ -126,6 +129,9 @@ def run_layout(spec: str, ckpt: str) -> list[dict]:
                           "balance_loss": res["parts"].get("balance_loss")})
         if action == "save" and step + 1 == SAVE_AT:
             checkpoint.save(Path(ckpt), pm, opt, {"step": SAVE_AT})
+    b = global_batch(STEPS)
+    out_steps[-1]["eval"] = pm.eval_loss({k: v[pmesh.dp_rank * rows : (pmesh.dp_rank + 1) * rows]
+                                          for k, v in b.items()})[0]
     return out_steps
 
 

@@ -58,7 +58,7 @@ def small_grpo(root, name, init, *overrides):
 def test_grpo_stage_writes_its_outputs_and_resumes_exactly(sft_checkpoint):
     root, init = sft_checkpoint
     cfg, run_dir = small_grpo(root, "g", init, "trainer.max_steps=3", "checkpoint.every=2", "grpo.beta=0.1",
-                              "grpo.epochs=2")
+                              "grpo.epochs=2", "grpo.router_replay=true")
     summary = grpo.run(cfg, run_dir)
     m = summary["metrics"]
     assert summary["stage"] == "grpo" and m["steps"] == 3 and m["n_val"] == 4
@@ -75,7 +75,7 @@ def test_grpo_stage_writes_its_outputs_and_resumes_exactly(sft_checkpoint):
 
     final.rename(run_dir / "checkpoints" / "first")
     cfg, _ = small_grpo(root, "g", init, "trainer.max_steps=3", "checkpoint.every=2", "grpo.beta=0.1",
-                        "grpo.epochs=2")
+                        "grpo.epochs=2", "grpo.router_replay=true")
     again = grpo.run(cfg, run_dir)
     assert again["metrics"]["accuracy_before"] == m["accuracy_before"]  # kept in the checkpoint
     a, b = (load_file(p / "model.safetensors") for p in (final, run_dir / "checkpoints" / "first"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.errors import MoeforgeError
+from optim import CombinedOptimizer
 from train import checkpoint, rng
 
 
@@ -16,10 +17,16 @@ def _net(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
 
 
+def _optimizer(net, lrs=(1e-2, 3e-3)):
+    """The project's optimizer object (name-keyed state) over two AdamW groups."""
+    groups = [{"params": list(net[i].parameters()), "label": f"g{i}", "lr": lr,
+               "names": [f"{i}.{n}" for n, _ in net[i].named_parameters()]} for i, lr in zip((0, 2), lrs)]
+    return CombinedOptimizer({"adamw": torch.optim.AdamW(groups)})
+
+
 def _trained(steps=3):
     net = _net()
-    opt = torch.optim.AdamW([{"params": net[0].parameters(), "lr": 1e-2},
-                             {"params": net[2].parameters(), "lr": 3e-3, "weight_decay": 0.0}])
+    opt = _optimizer(net)
     for _ in range(steps):
         _step(net, opt)
     return net, opt
@@ -40,8 +47,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     x_after = (random.random(), np.random.rand(), torch.rand(3))
 
     net2 = _net(seed=1)
-    opt2 = torch.optim.AdamW([{"params": net2[0].parameters(), "lr": 5.0},
-                              {"params": net2[2].parameters(), "lr": 5.0}])
+    opt2 = _optimizer(net2, lrs=(5.0, 5.0))
     ck = checkpoint.load(path, net2, opt2)
     assert (ck.step, ck.state, ck.config) == (3, {"data": {"position": 12}}, {"a": 1})
     assert ck.tokenizer_hash == "abc"

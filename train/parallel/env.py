@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,12 @@ class DistEnv:
     world: int
     local_rank: int
     source: str  # "torchrun" | "slurm" | "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -62,7 +69,8 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOU
         os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # a group of one needs no agreed port: take a free one
+            os.environ["MASTER_PORT"] = str(_free_port()) if denv.world == 1 else "29500"
     if device_type == "cuda":
         torch.cuda.set_device(denv.local_rank)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")

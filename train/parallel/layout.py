@@ -9,8 +9,9 @@ from model.config import ModelConfig
 from model.errors import ConfigError
 
 # parallel.pp_schedule -> (torch.distributed.pipelining class name, stages per pp rank, stage placement)
-# The schedules that split backward into input and weight passes run without FSDP (dp = 1) for now: FSDP2
-# units reduce gradients before the weight pass (seen on torch 2.13: wrong gradient norms).
+# The schedules that split backward into input and weight passes run without FSDP (dp = 1) for now: their
+# weight pass looks up `submod.parameters()`, FSDP2's sharded parameters, not the unsharded ones the graph
+# used, so weight gradients go missing (seen on torch 2.13: wrong gradient norms).
 SPLIT_BACKWARD = ("zero_bubble", "zbv", "dualpipev")
 SCHEDULES: dict[str, tuple[str, int, str]] = {
     "gpipe": ("ScheduleGPipe", 1, "loop"),

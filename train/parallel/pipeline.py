@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,6 +64,10 @@ class StageModule(nn.Module):
         self.parts = LossParts()
         self.loads: torch.Tensor | None = None  # this stage's expert loads, summed over microbatches
         self.mtp_weight = 0.0
+
+    def embed_dtype(self) -> torch.dtype:
+        """dtype of the activations between stages (the embedding's)."""
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
     def _n_mtp(self) -> int:
         return self.config.num_nextn_predict_layers
@@ -121,6 +126,31 @@ def build_stages(model: Transformer, layout: Layout, pp_rank: int) -> list[Stage
     """The stage modules of pipeline rank `pp_rank` (two per rank for interleaved and V schedules)."""
     ranges = split_layers(model.config.num_hidden_layers, layout.n_stages)
     return [StageModule(model, s, layout.n_stages, ranges[s]) for s in layout.stage_ids(pp_rank)]
+
+
+@torch.no_grad()
+def sequential_forward(stage_modules: list[StageModule], layout: Layout, group, pp_rank: int,
+                       input_ids: torch.Tensor, doc_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Forward only, one stage after the other, for any stage placement (evaluation): returns the last
+    stage's outputs on the rank that holds it, else None. Activations travel with send/recv."""
+    holder = {s: r for r in range(layout.pp) for s in layout.stage_ids(r)}
+    mine = {m.stage: m for m in stage_modules}
+    rows, seq = input_ids.shape
+    first = stage_modules[0]
+    between, _ = stage_io(first.config, rows, seq, first.embed_dtype(), input_ids.device)
+    acts: tuple[torch.Tensor, ...] = ()
+    for s in range(layout.n_stages):
+        if holder[s] != pp_rank:
+            if s + 1 < layout.n_stages and holder[s + 1] == pp_rank:  # our next stage needs its output
+                acts = tuple(torch.empty_like(t, requires_grad=False) for t in between)
+                for t in acts:
+                    dist.recv(t, src=dist.get_global_rank(group, holder[s]), group=group)
+            continue
+        acts = mine[s](*acts, input_ids=input_ids, doc_ids=doc_ids)
+        if s + 1 < layout.n_stages and holder[s + 1] != pp_rank:
+            for t in acts:
+                dist.send(t.contiguous(), dst=dist.get_global_rank(group, holder[s + 1]), group=group)
+    return acts if layout.n_stages - 1 in mine else None
 
 
 def stage_io(model_cfg, rows: int, seq: int, dtype: torch.dtype, device) -> tuple[tuple, tuple]:

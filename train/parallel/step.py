@@ -18,8 +18,16 @@ from optim import RoutingBiasUpdater
 from train.parallel.env import collective
 from train.parallel.grads import clip_, grad_norm
 from train.parallel.layout import Layout
-from train.parallel.loss import LossParts, global_counts, lm_objective, sequence_share, targets
+from train.parallel.loss import (
+    LossParts,
+    global_counts,
+    lm_objective,
+    sequence_share,
+    targets,
+    token_loss_sum,
+)
 from train.parallel.mesh import ParallelMesh
+from train.parallel.pipeline import sequential_forward
 
 PART_NAMES = ("loss", "mtp_loss", "balance_loss", "indexer_loss")
 
@@ -94,12 +102,31 @@ class ParallelModel:
                 self.schedule(*batch["input_ids"].shape).step(**kwargs)
         return [m.loads for m in self.modules]
 
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor], forward_ctx: Callable = contextlib.nullcontext
+                  ) -> tuple[float, float]:
+        """(next-token CE over the global batch of which `batch` is this data rank's part, its targets)."""
+        tgt = targets(batch, self.n_mtp)
+        counts = global_counts(tgt, self.pmesh.group("dp"))
+        parts = LossParts()
+        with forward_ctx():
+            if self.schedule_for is None:
+                out = self.modules[0](batch["input_ids"], batch["doc_ids"], with_mtp=False)
+                parts.add("loss", token_loss_sum(out.logits, tgt[..., 0]) / max(counts.tokens, 1.0))
+            else:
+                pp = self.pmesh
+                out = sequential_forward(self.modules, self.layout, pp.group("pp"), pp.pp_rank,
+                                         batch["input_ids"], batch["doc_ids"])
+                if out is not None:
+                    parts.add("loss", token_loss_sum(out[0], tgt[..., 0]) / max(counts.tokens, 1.0))
+        return self._reduce_parts(parts).get("loss", 0.0), counts.tokens
+
     def schedule(self, rows: int, seq: int):
         """The pipeline schedule for batches of `rows` x `seq` (built once per shape: static stage I/O)."""
-        mb_rows = rows // self.layout.microbatches
-        if (mb_rows, seq) not in self._schedules:
-            self._schedules[(mb_rows, seq)] = self.schedule_for(mb_rows, seq)
-        return self._schedules[(mb_rows, seq)]
+        key = (rows // self.layout.microbatches, seq)
+        if key not in self._schedules:
+            self._schedules[key] = self.schedule_for(*key)
+        return self._schedules[key]
 
     def _reduce_parts(self, parts: LossParts) -> dict[str, float]:
         vec = torch.tensor([float(parts.sums[k]) if k in parts.sums else 0.0 for k in PART_NAMES]

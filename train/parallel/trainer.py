@@ -37,9 +37,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def wants_parallel(cfg: DictConfig) -> bool:
-    """True under torchrun/srun with several processes, or when `parallel.*` asks for any split."""
+    """True under torchrun/srun with several processes, when `parallel.*` asks for a split, or when
+    `parallel.dp` is set explicitly (`parallel.dp=1`: the parallel code path on one process: a process
+    group of one, FSDP2 wrapping, expert dispatch with ep=1)."""
     p = cfg.parallel
-    return detect_env().world > 1 or any((p.get(k) or 1) > 1 for k in ("dp", "ep", "pp"))
+    return detect_env().world > 1 or p.get("dp") is not None or any((p.get(k) or 1) > 1 for k in ("ep", "pp"))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, data_builder) -> Trainer:
@@ -92,17 +94,18 @@ class ParallelTrainer(Trainer):
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         return torch.tensor(self.pm.clip_grad_norm_(max_norm if max_norm > 0 else float("inf")))
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Validation CE over all data ranks (None with a pipeline: not implemented there yet)."""
-        if self.layout.pp > 1:
+        """Token-weighted next-token CE over `trainer.eval_batches` global val batches (all data ranks)."""
+        if getattr(self.data, "val", None) is None:
             return None
-        value = super().evaluate()
-        if value is None or self.layout.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=self.pmesh.group("dp"))
-        return float(t) / self.layout.dp
+        self.pm.train(False)
+        ctx = functools.partial(autocast, self.precision, self.device)
+        total = count = 0.0
+        for batch in self.data.val.eval_batches(self.t.eval_batches):
+            loss, n = self.pm.eval_loss(self._to_device(batch), ctx)
+            total, count = total + loss * n, count + n
+        self.pm.train(True)
+        return total / max(count, 1.0)
 
     # ------------------------------------------------------------------ checkpoints (DCP)
     def _complete(self) -> list[Path]:
