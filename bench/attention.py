@@ -138,20 +138,17 @@ def make_step(sh, s: int, impl: str, dev):
 
 def measure(step, leaves, reps: int):
     """(median ms, peak extra MB) of `step` after one warm-up."""
-    def run():
-        for t in leaves:
-            t.grad = None
-        step()
-
-    run()
+    step()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        for t in leaves:  # before the baseline: the previous step's gradients do not count against it
+            t.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        run()
+        step()
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moeforge: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("moeforge: interrupted; run the same command again with the same hydra.run.dir to resume "
-              "(finished steps are skipped)", file=sys.stderr)
+        print("moeforge: interrupted (SLURM jobs keep running: squeue); run the same command again with the "
+              "same hydra.run.dir to resume (finished steps are skipped)", file=sys.stderr)
         code = 130
     sys.exit(code)
 

@@ -57,8 +57,9 @@ def sbatch_script(plan: Plan, step: Step, plan_path: Path) -> str:
 
 def submit(plan: Plan) -> dict[str, str]:
     """Submit every unfinished step as a job (dependants afterok their inputs); returns step -> job id."""
-    plan_path = plan.save()
     out_dir = Path(plan.run_dir) / "slurm"
+    check_no_active_jobs(out_dir / "jobs.json")
+    plan_path = plan.save()
     out_dir.mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}
     resubmit = ["#!/bin/bash", "# Resubmit the steps of this run that had not finished, chained as before.",
@@ -110,6 +111,19 @@ def run_slurm(plans: list[Plan]) -> int:
         print(f"moeforge: jobs did not complete: {bad}; {hints}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_no_active_jobs(jobs_file: Path) -> None:
+    """Refuse to submit a run again while jobs of its last submission are still queued or running."""
+    if not jobs_file.exists():
+        return
+    old = json.loads(jobs_file.read_text())
+    states = job_states(list(old.values()))
+    active = {step: jid for step, jid in old.items() if states[jid][0] not in TERMINAL | {"UNKNOWN"}}
+    if active:
+        raise MoeforgeError(f"{jobs_file.parent.parent}: jobs of the last submission are still queued or "
+                            f"running ({active}); wait for them (squeue) or cancel them "
+                            f"(scancel {' '.join(active.values())}) before submitting again")
 
 
 def _finished(plan: Plan, step: Step, ids: dict[str, str]) -> bool:

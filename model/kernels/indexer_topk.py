@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .runtime import cdiv, interpreting
+from .sparse_attn import check_device
 
 SCORE_BUDGET = 1 << 26  # fp32 scores held at once (per chunk of queries)
 PREC = "ieee" if interpreting() else "tf32"  # products on the GPU: TF32 tensor cores (selection only)
@@ -69,6 +70,7 @@ def index_topk(q_BSHC, w_BSH, keys_BTC, first_BS, nvis_BS, k: int, chunk: int = 
     Queries go in chunks (`chunk` of them, or as many as keep SCORE_BUDGET scores); each chunk scores only
     the entry span its queries can see.
     """
+    check_device(q_BSHC, keys_BTC)
     b, s = q_BSHC.shape[:2]
     t = keys_BTC.shape[1]
     width = min(k, t)

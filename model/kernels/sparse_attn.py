@@ -7,8 +7,9 @@ takes every head of a query (MQA style: [heads, C] x [C, keys] on the tensor cor
 key blocks with an online softmax that starts from the per-head sink (denominator only). Memory is linear in
 the sequence: nothing but the output, the log-sum-exp [B, S, H] and fp32 key gradients is stored.
 
-The backward recomputes probabilities from the saved log-sum-exp; query gradients stay in the program,
-key gradients are added to their rows with atomics (a key is shared by many queries and heads).
+The backward recomputes probabilities from the saved log-sum-exp. A query-major kernel computes dq (and adds
+CSA entry gradients with fp32 atomics: top-k lists have no contiguous inverse); a key-major kernel computes
+the K=V gradient of window rows and HCA entries from the contiguous run of queries that see each key block.
 """
 
 import torch
@@ -297,7 +298,8 @@ class _Entries:
         return comp, idx, first, nvis, t, k
 
 
-def _check(*tensors):
+def check_device(*tensors) -> None:
+    """MoeforgeError unless the kernels can run on these tensors (CUDA, or CPU under the interpreter)."""
     for x in tensors:
         if x is not None and not x.is_cuda and not interpreting():
             raise MoeforgeError(
@@ -306,8 +308,18 @@ def _check(*tensors):
             )
 
 
+def _row_dots(a_BSHC: torch.Tensor, b_BSHC: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
+    """sum_c a * b in fp32 -> [B, S, H], over query chunks so the fp32 copies stay within `budget` values."""
+    b, s, h, c = a_BSHC.shape
+    out = torch.empty(b, s, h, dtype=torch.float32, device=a_BSHC.device)
+    step = max(1, budget // max(b * h * c, 1))
+    for lo in range(0, s, step):
+        out[:, lo:lo + step] = (a_BSHC[:, lo:lo + step].float() * b_BSHC[:, lo:lo + step].float()).sum(-1)
+    return out
+
+
 class SparseAttention(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; see `sparse_attention`."""
+    """Autograd wrapper of the kernels; see `sparse_attention`."""
 
     @staticmethod
     def forward(ctx, q, kv, comp, sink, pos, idx, first, nvis, scale, window):
@@ -335,7 +347,7 @@ class SparseAttention(torch.autograd.Function):
         scale, window, mode, t, k, comp_meta, prec = ctx.meta
         b, s, h, c = q.shape
         d_out = d_out.contiguous()
-        delta = (d_out.float() * out.float()).sum(-1)  # [B, S, H]
+        delta = _row_dots(d_out, out)
         dq = torch.empty_like(q)
         dcmp = torch.zeros(cmp_t.shape, dtype=torch.float32, device=kv.device) if mode == INDEXED else kv
         bh, bc, bn, warps = _launch_config(h, c)
@@ -361,7 +373,7 @@ def sparse_attention(q_BSHC, kv_BSC, sink_H, pos_BS, window: int, scale: float,
     Entries: `idx_BSK` (slots into comp, -1 = unused; CSA) or the range `first_BS`/`nvis_BS` (HCA);
     `comp_BTC=None` for sliding-only layers. `pos_BS` = doc-local positions (the window stops there).
     """
-    _check(q_BSHC, kv_BSC, comp_BTC)
+    check_device(q_BSHC, kv_BSC, comp_BTC)
     if interpreting() and q_BSHC.dtype != torch.float32:  # the interpreter mishandles bf16 memory
         out = sparse_attention(q_BSHC.float(), kv_BSC.float(), sink_H, pos_BS, window, scale,
                                comp_BTC.float() if comp_BTC is not None else None, idx_BSK, first_BS, nvis_BS)

@@ -108,3 +108,11 @@ def test_user_errors_name_the_setting(monkeypatch):
     with pytest.raises(MoeforgeError, match="idx or first/nvis"):
         sparse_attention(q.to(DEVICE), kv.to(DEVICE), torch.zeros(1, device=DEVICE), pos.to(DEVICE), 4, 1.0,
                          comp_BTC=kv.to(DEVICE))
+
+
+def test_backward_row_dots_in_chunks_equal_one_pass():
+    from model.kernels.sparse_attn import _row_dots
+
+    a, b = randn(40, 2, 9, 3, 5).to(DTYPE), randn(41, 2, 9, 3, 5).to(DTYPE)
+    want = (a.float() * b.float()).sum(-1)
+    assert torch.equal(_row_dots(a, b, budget=64), want)  # 2 queries per chunk, a short last chunk

@@ -1,8 +1,10 @@
 """Triton indexer scoring + top-k (interpreter on CPU) vs `Indexer.score` and `select_topk` on packed
 sequences with several documents (early queries see no entry at all)."""
 
+import pytest
 import torch
 
+from model.errors import MoeforgeError
 from model.indexer import Indexer, select_topk
 from model.kernels.indexer_topk import index_scores, index_topk
 from tests.kernels.helpers import GPU, pick, randn
@@ -45,3 +47,10 @@ def test_topk_selects_the_reference_set():
     assert torch.allclose(got_vals, want_vals, rtol=TOL, atol=TOL)
     whole = index_topk(q, w, keys, ent.first_BS, ent.nvis_BS, k).long()  # one chunk, whole entry span
     assert torch.equal(idx.sort(-1).values, whole.sort(-1).values)
+
+
+def test_cpu_tensors_without_interpreter_name_the_setting(monkeypatch):
+    q, w, keys, ent = (t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs(20))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(MoeforgeError, match="model.attn_impl"):
+        index_topk(q, w, keys, ent.first_BS, ent.nvis_BS, 2)

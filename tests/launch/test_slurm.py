@@ -26,6 +26,8 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
     show = ["scontrol", "show", "job", "-o", ids["anneal"]]
     dep = subprocess.run(show, capture_output=True, text=True).stdout
     assert f"afterok:{ids['pretrain']}" in dep
+    twice = cli(*args, cwd=tmp_path, check=False)  # no second copy of a run whose jobs are in the queue
+    assert twice.returncode == 2 and "still queued or running" in twice.stderr
     for step in ids:  # kept in the run directory, readable and resubmittable
         assert "launch.step" in (run / "slurm" / f"{step}.sbatch").read_text()
     wait_until(lambda: (run / "pretrain" / "checkpoints" / "step-1").is_dir(), 600, "a checkpoint", poll=0.2)

@@ -3,14 +3,18 @@ other world size or layout loads them (DCP reshards FSDP's DTensors; expert stac
 per expert, `<name>.<global expert>`, so any expert placement can pick its experts).
 
 Layout of `<dir>`: DCP's files (`.metadata`, `__<rank>_0.distcp`) holding `model.<name>` and
-`optim.<optimizer>.<name>.<state key>`, plus `train_state.json` (step, global data position and other
-JSON state) written by rank 0.
+`optim.<optimizer>.<name>.<state key>`, plus `manifest.json` (format `moeforge-dcp-v1`: step, global
+data position and other JSON state, the layout it was written under), written by rank 0 last, so a
+`step-<N>` directory with a manifest is complete (`train.checkpoint.find_latest` finds it). Written to
+`.tmp-step-<N>` and renamed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,10 +24,12 @@ from torch.distributed.tensor import DTensor
 
 from model.errors import MoeforgeError
 from optim.combined import CombinedOptimizer
+from train.checkpoint import MANIFEST
 from train.parallel.expert import ExpertParallel
 from train.parallel.step import ParallelModel
 
-STATE_FILE = "train_state.json"
+STATE_FILE = MANIFEST
+FORMAT = "moeforge-dcp-v1"
 _EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
 
 
@@ -85,14 +91,23 @@ def _make_state(opt, p: torch.Tensor, prefix: str, saved: set[str]) -> None:
 
 
 def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, train_state: dict) -> Path:
-    """Write a sharded checkpoint of this layout to `path` (all ranks call it)."""
+    """Write a sharded checkpoint of this layout to `path` (all ranks call it; atomic rename at the end)."""
     path = Path(path)
-    dcp.save(_state(pm, optimizer), checkpoint_id=str(path))
+    tmp = path.with_name(".tmp-" + path.name)
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_state(pm, optimizer), checkpoint_id=str(tmp))
+    dist.barrier()
     if dist.get_rank() == 0:
         layout = pm.layout
-        meta = {**train_state, "layout": {"world": layout.world, "pp": layout.pp, "dp": layout.dp,
-                                          "ep": layout.ep, "pp_schedule": layout.pp_schedule}}
-        (path / STATE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        meta = {**train_state, "format": FORMAT, "layout": {
+            "world": layout.world, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+            "pp_schedule": layout.pp_schedule}}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     dist.barrier()
     return path
 
@@ -100,13 +115,15 @@ def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, tra
 def load(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None) -> dict:
     """Load a checkpoint written under any layout into this one; returns its JSON train state."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise MoeforgeError(f"{path} is not a distributed checkpoint ({STATE_FILE} missing)")
+    meta = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    if meta.get("format") != FORMAT:
+        raise MoeforgeError(f"{path} is not a distributed ({FORMAT}) checkpoint; one written by a single "
+                            "process (moeforge-checkpoint-v1) starts a parallel run through init=<it>")
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = _state(pm, optimizer, create=saved if optimizer is not None else None)
     missing = sorted(k for k in state if k not in saved)
     if missing:
         raise MoeforgeError(f"{path} lacks {missing[:5]} (was it written for another model config?)")
     dcp.load(state, checkpoint_id=str(path))  # in place: per-expert entries are views of the stacks
-    return json.loads((path / STATE_FILE).read_text())
+    return meta
 

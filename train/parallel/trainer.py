@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from model import ModelConfig
 from optim import OptimConfig
 from optim.distributed import build_distributed_optimizer
-from train import rng
+from train import checkpoint, rng
 from train.config import to_object
 from train.loop import Trainer
 from train.parallel import checkpoint as dist_checkpoint
@@ -33,7 +31,6 @@ from train.parallel.parallelize import parallelize
 from train.precision import autocast, resolve_device
 
 log = logging.getLogger(__name__)
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def wants_parallel(cfg: DictConfig) -> bool:
@@ -72,6 +69,8 @@ class ParallelTrainer(Trainer):
         self.pmesh = build_mesh(self.layout, device.type)
         self.data_rank, self.data_world = self.pmesh.dp_rank, self.layout.dp
         super().__init__(cfg, run_dir, data_builder)  # the whole model, identical on every rank (same seed)
+        if cfg.get("init"):  # one-process (safetensors) weights, loaded whole before the split
+            checkpoint.load(Path(cfg.init), self.model)
         optim_cfg = OptimConfig.from_dict(cfg.optim)
         self.pm = parallelize(self.model, self.pmesh, bias_update_speed=optim_cfg.bias_update_speed)
         self.optimizer = build_distributed_optimizer(self.pm.modules, optim_cfg)
@@ -108,19 +107,12 @@ class ParallelTrainer(Trainer):
         return total / max(count, 1.0)
 
     # ------------------------------------------------------------------ checkpoints (DCP)
-    def _complete(self) -> list[Path]:
-        """Complete checkpoints (train_state.json is written last), oldest first."""
-        found = sorted((int(m.group(1)), p) for p in self.ckpt_root.glob("step-*")
-                       if (m := _STEP_DIR.match(p.name)) and (p / dist_checkpoint.STATE_FILE).is_file())
-        return [p for _, p in found]
-
-    def _latest(self) -> Path | None:
-        found = self._complete()
-        return found[-1] if found else None
-
     def start(self) -> None:
+        """resume=auto: the newest complete checkpoint of the run; `init` weights were loaded before the
+        model was split (`__init__`)."""
         resume = str(self.cfg.resume)
-        path = self._latest() if resume == "auto" else (None if resume == "never" else Path(resume))
+        path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else (
+            None if resume == "never" else Path(resume))
         if path is not None:
             self.restore(path)
             log.info("resumed from %s at step %d", path, self.step)
@@ -142,7 +134,6 @@ class ParallelTrainer(Trainer):
         dist_checkpoint.save(path, self.pm, self.optimizer, state)
         self.last_checkpoint = path
         if dist.get_rank() == 0:
-            for old in self._complete()[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(old)
+            checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep)
         dist.barrier()
         return path
