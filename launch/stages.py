@@ -15,7 +15,7 @@ class StageSpec:
 
     name: str
     module: str
-    config_name: str = "config"  # primary Hydra config under configs/
+    config_name: str = "config"  # the root configs/config.yaml, or a structured config the module stores
     input_key: str | None = "init"  # the override that receives the input checkpoint
 
 
@@ -26,8 +26,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "train.sft"),
         StageSpec("grpo", "rl.grpo"),
         StageSpec("distill", "distill.stage"),
-        StageSpec("export", "launch.export", config_name="stage/export", input_key="checkpoint"),
-        StageSpec("generate", "launch.generate", config_name="stage/generate", input_key="model"),
+        StageSpec("export", "launch.export", config_name="moeforge_export", input_key="checkpoint"),
+        StageSpec("generate", "launch.generate", config_name="moeforge_generate", input_key="model"),
         StageSpec("model-info", "launch.model_info", input_key=None),
     )
 }

@@ -106,26 +106,31 @@ def test_grpo_needs_a_starting_checkpoint(tmp_path):
         grpo.run(cfg, run_dir)
 
 
-LEARNING_MODEL = ["model.vocab_size=512", "model.num_hidden_layers=3", "model.num_nextn_predict_layers=0",
-                  "model.layer_types=[sliding_attention,compressed_sparse_attention,heavily_compressed_attention]",
-                  "model.mlp_layer_types=[hash_moe,moe,moe]"]
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine oversubscribed threads cost far more than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
-def test_sft_then_grpo_raises_held_out_math_accuracy(tmp_path):
-    """Must-show 1 (math): a fresh v4-tiny-shaped model learns the format by SFT; GRPO then raises greedy
-    accuracy on held-out problems (arithmetic facts never seen in training) clearly above the SFT model's."""
+def test_sft_then_grpo_raises_held_out_math_accuracy(tmp_path, one_thread):
+    """Must-show 1 (math): a fresh small V4 learns format and copying by SFT; GRPO then raises greedy accuracy
+    on 128 held-out problems (arithmetic facts never seen in training) clearly above the SFT model's."""
     domain = ["domain.n_train=2000", "domain.n_val=128", "domain.options.val_fraction=0.2"]
-    cfg, run_dir = compose("sft", tmp_path / "sft", *domain, "trainer.max_steps=SFT_STEPS", "trainer.seq_len=128",
-                           "trainer.batch_size=8", "trainer.eval_every=0", "optim.lr=3e-3", "optim.warmup_steps=5",
-                           model=LEARNING_MODEL)
+    cfg, run_dir = compose("sft", tmp_path / "sft", *domain, "trainer.max_steps=120", "trainer.seq_len=128",
+                           "trainer.batch_size=8", "trainer.eval_every=0", "checkpoint.every=0",
+                           "optim.lr=3e-3", "optim.warmup_steps=5")
     init = sft.run(cfg, run_dir)["checkpoint"]
-    cfg, run_dir = compose("grpo", tmp_path / "grpo", f"init={init}", *domain, "trainer.max_steps=GRPO_STEPS",
+    cfg, run_dir = compose("grpo", tmp_path / "grpo", f"init={init}", *domain, "trainer.max_steps=30",
                            "trainer.eval_every=0", "checkpoint.every=0", "grpo.group_size=8",
                            "grpo.prompts_per_step=8", "grpo.max_new_tokens=32", "grpo.temperature=1.0",
-                           "optim.lr=GRPO_LR", model=LEARNING_MODEL)
+                           "optim.lr=5e-4")
     m = grpo.run(cfg, run_dir)["metrics"]
     print(f"held-out math accuracy on {m['n_val']} problems: SFT {m['accuracy_before']:.3f} -> "
           f"GRPO {m['accuracy_after']:.3f}")
-    assert m["n_val"] == 128 and (run_dir / "reward_curve.png").is_file()
-    assert m["accuracy_after"] >= m["accuracy_before"] + MARGIN, m
+    assert m["n_val"] == 128 and (run_dir / "reward_curve.png").stat().st_size > 0
+    assert m["accuracy_after"] >= m["accuracy_before"] + 0.05, m

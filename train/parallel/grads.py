@@ -22,15 +22,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
-def grad_norm(params: list[torch.Tensor], replicas: dict[int, int] | None = None) -> torch.Tensor:
-    """The L2 norm of all gradients of all ranks (fp64 accumulation). `replicas[id(p)]` counts the ranks
-    holding identical copies of p's local gradient (default 1: every element on one rank)."""
-    replicas = replicas or {}
-    grads = [(local(p.grad).detach(), replicas.get(id(p), 1)) for p in params if p.grad is not None]
-    device = grads[0][0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for g, n in grads:
-        total += g.double().pow(2).sum() / n
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients of all ranks, accumulated in fp64 (every element lives on one rank:
+    FSDP shards dense and expert parameters; without FSDP, dp = 1 and stages hold distinct parameters)."""
+    grads = [local(p.grad).detach() for p in params if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        total += g.double().pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         with collective("all_reduce(grad norm)"):
             dist.all_reduce(total)
