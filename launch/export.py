@@ -77,7 +77,7 @@ def logit_gap(model: Transformer, hf_dir: Path, n_tokens: int) -> float:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Export ``cfg.checkpoint`` to ``cfg.out`` (default ``<run_dir>/hf``) and check it loads in transformers."""
+    """Export ``cfg.checkpoint`` to ``cfg.out`` (default ``<run_dir>/hf``); check it in transformers."""
     ckpt = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else Path(run_dir) / "hf"
     model, tok = load_checkpoint(ckpt)
@@ -94,8 +94,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         gap = logit_gap(model, out, cfg.verify_tokens)
         metrics["max_logit_diff"] = gap
         if gap > cfg.verify_atol:
-            raise MoeforgeError(f"export {out}: transformers' logits differ from the checkpoint's by {gap:.3g} "
-                                f"(> verify_atol={cfg.verify_atol})")
+            raise MoeforgeError(f"export {out}: transformers' logits differ from the checkpoint's by "
+                                f"{gap:.3g} (> verify_atol={cfg.verify_atol})")
     print(f"exported {ckpt} -> {out}", flush=True)
     summary = {"stage": "export", "checkpoint": str(out.resolve()), "source": str(ckpt), "metrics": metrics}
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def complete(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temp
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
-    stops = [i for i in tok.convert_tokens_to_ids(list(STOP_TOKENS)) if i is not None and i != tok.unk_token_id]
+    stops = [i for i in tok.convert_tokens_to_ids(list(STOP_TOKENS)) if i not in (None, tok.unk_token_id)]
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
