@@ -132,12 +132,16 @@ def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str],
         try:
             return _check_step_once(spec, step, run_dir, names), dropped
         except ConfigError as e:
-            unknown = [o for o in optional if o in step.overrides and parse([o])[0].key_or_group == e.key
-                       and "unknown key" in str(e)]
+            unknown = [o for o in optional if o in step.overrides and _not_in_config(parse([o])[0].key_or_group, e)]
             if not unknown:
                 raise ConfigError(f"step {step.name}: {e.key}", str(e)[len(e.key) + 2:]) from e
             dropped[unknown[0]] = e
             step.overrides.remove(unknown[0])
+
+
+def _not_in_config(key: str, e: ConfigError) -> bool:
+    """The error says the config has no ``key``: it is unknown, or one of its parents is not a mapping."""
+    return (e.key == key and "unknown key" in str(e)) or key.startswith(e.key + ".")
 
 
 def _check_step_once(spec: StageSpec, step: Step, run_dir: Path, names: set[str]) -> dict:

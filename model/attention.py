@@ -6,6 +6,7 @@ from torch import nn
 from model.compressor import Compressor
 from model.config import CSA, SLIDING, ModelConfig
 from model.context import ForwardContext, rope_label
+from model.errors import ConfigError
 from model.indexer import Indexer, select_topk, selection_mask
 from model.indexer_loss import indexer_kl
 from model.norm import RMSNorm, rms_norm
@@ -52,6 +53,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.groups = h, c, config.o_groups
         self.eps, self.scale, self.index_topk = config.rms_norm_eps, c**-0.5, config.index_topk
         self.window = config.sliding_window
+        self.topk_active = True  # False in the dense training phase: CSA attends to every visible entry
         self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
         self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False)
@@ -74,7 +76,8 @@ class Attention(nn.Module):
 
     def select(self, scores_BST: torch.Tensor, visible_BST: torch.Tensor):
         """The one place where CSA picks entries: top-k of the visible ones -> (indices, ok) [B, S, k']."""
-        return select_topk(scores_BST, visible_BST, self.index_topk)
+        k = self.index_topk if self.topk_active else scores_BST.shape[-1]
+        return select_topk(scores_BST, visible_BST, k)
 
     def project(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """(queries [B, S, H, C], K=V [B, S, C], low-rank query c_Q [B, S, d_c]), RoPE applied."""
@@ -114,6 +117,9 @@ class Attention(nn.Module):
             pos = ctx.layout.positions_BS
             o, kl = sparse_layer(self, q, kv, comp, entries, index, pos, mode, cfg.attn_chunk_tokens)
         elif cfg.attn_impl == "triton":  # Triton kernels; imported here so TRITON_INTERPRET is read late
+            if not self.topk_active:
+                raise ConfigError("model.attn_impl", "the dense CSA phase (trainer.sparse_from_step) runs on "
+                                  "attn_impl=sparse or dense, not triton")
             from model.kernels.attn_layer import triton_layer
 
             pos = ctx.layout.positions_BS

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention import Attention
 from model.balance import expert_load, sequence_balance_loss
 from model.block import Block
 from model.cache import DecodeCache, DecodeStep
@@ -122,6 +123,17 @@ class Transformer(nn.Module):
             streams, r = layer(streams, ctx, input_ids, replay[i] if replay is not None else None)
             routings.append(r)
         return streams, routings
+
+    def set_sparse_attention(self, sparse: bool, train_indexer: bool = True) -> None:
+        """Training phases of CSA: before the indexer is trusted every query attends to all visible entries
+        (`sparse=False`, indexer KL over all of them when `train_indexer`), then to the indexer's top-k with
+        the KL on the selected set. A configured `indexer_loss_mode="off"` stays off."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.topk_active = sparse
+        enabled = self.__dict__.setdefault("_indexer_enabled", self.config.indexer_loss_mode != "off")
+        if enabled:
+            self.config.indexer_loss_mode = ("sparse" if sparse else "dense") if train_indexer else "off"
 
     # ------------------------------------------------------------------ generation
     def new_cache(self, batch_size: int) -> DecodeCache:
