@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.errors import ConfigError
+from train.parallel.layout import SCHEDULES
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp8", "fp8_rowwise")
-PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "dualpipev")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8", "fp8_rowwise", "fp8+fp4_experts")  # train.fp8 runs the fp8 ones
+PP_SCHEDULES = tuple(SCHEDULES)
 ENGINES = ("fsdp", "deepspeed")
 
 
