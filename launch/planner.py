@@ -132,7 +132,8 @@ def _check_step(spec: StageSpec, step: Step, run_dir: Path, names: set[str],
         try:
             return _check_step_once(spec, step, run_dir, names), dropped
         except ConfigError as e:
-            unknown = [o for o in optional if o in step.overrides and _not_in_config(parse([o])[0].key_or_group, e)]
+            unknown = [o for o in optional
+                       if o in step.overrides and _not_in_config(parse([o])[0].key_or_group, e)]
             if not unknown:
                 raise ConfigError(f"step {step.name}: {e.key}", str(e)[len(e.key) + 2:]) from e
             dropped[unknown[0]] = e

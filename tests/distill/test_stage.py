@@ -192,6 +192,7 @@ def distill_overrides(student, teachers, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three 300-step SFTs come first: about 5 minutes on two idle cores
 def test_distilled_student_keeps_90_percent_of_each_teacher(experts):
     root, student, teachers = experts
     cfg, rd = compose("distill", root / "distill", *distill_overrides(

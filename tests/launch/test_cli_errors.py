@@ -60,3 +60,17 @@ def test_cfg_prints_the_composed_config_and_runs_nothing(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "stage: sft" in out and "name: math" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_command_line_overrides_go_to_the_steps_that_have_the_key(tmp_path):
+    from launch.planner import plan_pipeline
+
+    plan = plan_pipeline("demo", ["domain.n_val=8", "max_new_tokens=4", "checkpoint.every=3",
+                                  "launcher.max_parallel=2", f"hydra.run.dir={tmp_path}/demo"])
+    ovs = {s.name: s.overrides for s in plan.steps}
+    assert ovs["sft-math"][-3:] == ["domain.n_val=8", "checkpoint.every=3", "launcher.max_parallel=2"]
+    assert "domain.n_val=8" not in ovs["pretrain"] and "checkpoint.every=3" in ovs["pretrain"]
+    assert ovs["generate"][-2:] == ["max_new_tokens=4", "launcher.max_parallel=2"]
+    assert not any(o.startswith("checkpoint.every") for o in ovs["export"])
+    assert plan.max_parallel == 2 and plan.run_dir == str(tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()

@@ -90,4 +90,5 @@ def test_killed_pipeline_resumes_the_interrupted_step(tmp_path, cli, cli_backgro
     assert re.search(r"resumed from \S+/anneal/checkpoints/step-([12]) at step \1\b", log), log[-2000:]
     done = json.loads((run / "anneal" / "DONE.json").read_text())
     assert done["checkpoint"].endswith("anneal/checkpoints/step-3") and done["metrics"]["steps"] == 3
-    assert "anneal" in (run / "report.txt").read_text()
+    report = (run / "report.txt").read_text()
+    assert f"exported model: {run}/export/hf" in report and "generation: 'def add(a, b):' -> " in report

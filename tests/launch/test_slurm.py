@@ -22,7 +22,7 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
     args = ("pipeline=smoke", "launcher=slurm", f"hydra.run.dir={run}")
     cli(*args, "launcher.wait=false", cwd=tmp_path)
     ids = jobs(run)
-    assert list(ids) == ["pretrain", "anneal"]
+    assert list(ids) == ["pretrain", "anneal", "export", "generate"]
     show = ["scontrol", "show", "job", "-o", ids["anneal"]]
     dep = subprocess.run(show, capture_output=True, text=True).stdout
     assert f"afterok:{ids['pretrain']}" in dep
@@ -32,23 +32,31 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
         assert "launch.step" in (run / "slurm" / f"{step}.sbatch").read_text()
     wait_until(lambda: (run / "pretrain" / "checkpoints" / "step-1").is_dir(), 600, "a checkpoint", poll=0.2)
     subprocess.run(["scancel", ids["pretrain"]], check=True)
-    states = wait_until(lambda: (s := job_states(list(ids.values())))[ids["anneal"]][0] == "CANCELLED" and s,
-                        60, "the dependant job to be cancelled")
-    assert states[ids["anneal"]][1] == "DependencyNeverSatisfied"
+    dependants = [ids[s] for s in ("anneal", "export", "generate")]
+
+    def all_cancelled():
+        states = job_states(dependants)
+        return all(states[j][0] == "CANCELLED" for j in dependants) and states
+
+    states = wait_until(all_cancelled, 60, "the dependant jobs to be cancelled")
+    assert {states[j][1] for j in dependants} == {"DependencyNeverSatisfied"}
     assert not (run / "pretrain" / "DONE.json").exists()
 
     out = cli(*args, cwd=tmp_path).stdout
     new = jobs(run)
-    assert set(new) == {"pretrain", "anneal"} and new["pretrain"] != ids["pretrain"]
+    assert set(new) == set(ids) and new["pretrain"] != ids["pretrain"]
     assert re.search(rf"pretrain: job {new['pretrain']} COMPLETED", out)
     log = (run / "slurm" / f"pretrain-{new['pretrain']}.out").read_text()
     assert re.search(r"resumed from \S+/pretrain/checkpoints/step-([12]) at step \1\b", log), log[-2000:]
     for step in ("pretrain", "anneal"):
         done = json.loads((run / step / "DONE.json").read_text())
         assert done["checkpoint"].endswith(f"{step}/checkpoints/step-3")
+    assert (run / "export" / "hf" / "config.json").is_file()
+    assert json.loads((run / "generate" / "summary.json").read_text())["metrics"]["new_tokens"] >= 1
+    assert "generation: 'def add(a, b):' -> " in out
     # everything finished: a third submission submits nothing
     again = cli(*args, cwd=tmp_path).stdout
-    assert "pretrain: finished earlier, skipped" in again and "anneal: finished earlier, skipped" in again
+    assert all(f"{step}: finished earlier, skipped" in again for step in ids)
 
 
 def test_sweep_through_slurm_one_job_per_point(tmp_path, slurm, cli):

@@ -38,8 +38,17 @@ def compose(stage: str, run_dir, *overrides: str, model=SMALL_MODEL, cache=None)
         f"grpo.use_cache={str(HAS_CACHE).lower()}", *overrides])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine oversubscribed threads cost far more than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
+def sft_checkpoint(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("grpo")
     cfg, run_dir = compose("sft", root / "sft", "domain.n_train=100", "domain.n_val=8", "trainer.max_steps=4",
                            "trainer.seq_len=96", "trainer.batch_size=4", "trainer.eval_every=0",
@@ -107,17 +116,8 @@ def test_grpo_needs_a_starting_checkpoint(tmp_path):
 
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine oversubscribed threads cost far more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_sft_then_grpo_raises_held_out_math_accuracy(tmp_path, one_thread):
+def test_sft_then_grpo_raises_held_out_math_accuracy(tmp_path):
     """Must-show 1 (math): a fresh small V4 learns format and copying by SFT; GRPO then raises greedy accuracy
     on 128 held-out problems (arithmetic facts never seen in training) clearly above the SFT model's."""
     domain = ["domain.n_train=2000", "domain.n_val=128", "domain.options.val_fraction=0.2"]
