@@ -10,9 +10,6 @@ from launch.compose import CONFIG_DIR
 from model import ModelConfig, Transformer
 from rl.rollout import SamplingConfig, generate, sample_next, token_logprobs, top_p_filter
 
-HAS_CACHE = hasattr(Transformer, "new_cache")
-needs_cache = pytest.mark.skipif(not HAS_CACHE, reason="no model decode cache (Transformer.new_cache) yet")
-
 
 @pytest.fixture(scope="module")
 def model():
@@ -60,7 +57,7 @@ def test_sample_next_greedy_and_seeded():
     torch.testing.assert_close(a[1], (logits / 0.7).log_softmax(-1).gather(1, a[0][:, None]).squeeze(1))
 
 
-@pytest.mark.parametrize("use_cache", [False, pytest.param(True, marks=needs_cache)])
+@pytest.mark.parametrize("use_cache", [False, True])
 def test_sampling_reproducible_and_logprobs_match_training_pass(model, use_cache):
     cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, use_cache=use_cache)
     ps = prompts()
@@ -77,12 +74,11 @@ def test_sampling_reproducible_and_logprobs_match_training_pass(model, use_cache
 
 def test_stop_tokens_and_length_limit(model):
     ps = prompts(3, seed=2)
-    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, use_cache=HAS_CACHE)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
     first = generate(model, ps, greedy)
     assert first.tokens.shape == (3, 6) and torch.equal(first.mask, torch.ones(3, 6))
     stop = int(first.tokens[0, 2])
-    cut = generate(model, ps, SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=(stop,),
-                                             use_cache=HAS_CACHE))
+    cut = generate(model, ps, SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=(stop,)))
     for b in range(3):
         row = first.tokens[b].tolist()
         n = row.index(stop) + 1 if stop in row else 6
@@ -93,7 +89,6 @@ def test_stop_tokens_and_length_limit(model):
     assert ids.shape[1] == int((plen + cut.lengths).max()) and plen.tolist() == [len(p) for p in ps]
 
 
-@needs_cache
 def test_cached_decoding_equals_recomputation(model):
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
     ps = prompts(5, seed=3)
@@ -104,7 +99,6 @@ def test_cached_decoding_equals_recomputation(model):
     torch.testing.assert_close(cached.logp, ref.logp, atol=1e-4, rtol=1e-4)
 
 
-@needs_cache
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_recorded_routing_replays_to_the_same_logprobs(model, use_cache):
     cfg = SamplingConfig(max_new_tokens=8, record_routing=True, use_cache=use_cache)
