@@ -140,7 +140,7 @@ def test_sft_then_grpo_raises_held_out_accuracy(tmp_path, name):
     init = sft.run(cfg, run_dir)["checkpoint"]
     cfg, run_dir = compose("grpo", tmp_path / "grpo", f"init={init}", *domain, "trainer.max_steps=30",
                            "trainer.eval_every=10", "checkpoint.every=0", "grpo.group_size=8",
-                           "grpo.prompts_per_step=8", "grpo.temperature=1.0", "optim.lr=5e-4")
+                           "grpo.prompts_per_step=16", "grpo.temperature=1.0", "optim.lr=2e-4")
     m = grpo.run(cfg, run_dir)["metrics"]
     print(f"held-out {name} accuracy on {m['n_val']} tasks: SFT {m['accuracy_before']:.3f} -> "
           f"GRPO {m['accuracy_after']:.3f}")
