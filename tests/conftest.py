@@ -10,3 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Tiny models run fastest single-threaded (thread start-up dominates their matmuls), and torchrun or SLURM
+# subprocesses of the same test then get the other core.
+torch.set_num_threads(1)
