@@ -131,7 +131,8 @@ LEARNING = {
 def test_sft_then_grpo_raises_held_out_accuracy(tmp_path, name):
     """Must-show 1: a fresh small V4 learns format and copying by SFT; GRPO then raises greedy accuracy on 128
     held-out tasks (math facts / code task combinations never seen in training) clearly above the SFT model's.
-    Not reliable yet at this size and step count (see the module's report); kept honest, run on demand."""
+    Measured on a shared 2-core machine: math 0.133 -> 0.195 (8 min, passes); code 0.539 -> 0.563 (13 min,
+    short of the margin). Opt-in until it is reliable within CI time; the assertion is not weakened."""
     domain_keys, sft_keys = LEARNING[name]
     domain = [domain_override(name), "domain.n_train=2000", "domain.n_val=128", *domain_keys]
     cfg, run_dir = compose("sft", tmp_path / "sft", *domain, *sft_keys, "trainer.batch_size=8",
