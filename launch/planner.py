@@ -87,10 +87,14 @@ def default_dirs(run_top: str, sweep_top: str, overrides: list[str], stamp: bool
 
 
 def with_stage_key(spec: StageSpec, overrides: list[str]) -> list[str]:
-    """Root-config stages get ``stage=<name>`` (the root config's ``stage`` key) unless one is given."""
-    if spec.config_name != "config" or any(o.split("=", 1)[0] == "stage" for o in overrides):
+    """Root-config stages get ``stage=<name>`` (the root config's ``stage`` key) unless one is given, and
+    their own groups: ``domain=math`` becomes ``+domain=math``; a group not named gets its default option."""
+    if spec.config_name != "config":
         return list(overrides)
-    return [f"stage={spec.name}", *overrides]
+    out = [f"+{o}" if o.split("=", 1)[0] in dict(spec.groups) else o for o in overrides]
+    named = {o.split("=", 1)[0].lstrip("+") for o in out}
+    out += [f"+{group}={option}" for group, option in spec.groups if option and group not in named]
+    return out if "stage" in named else [f"stage={spec.name}", *out]
 
 
 def _step(i: int, raw, where: str, run_dir: Path) -> Step:

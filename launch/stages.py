@@ -17,15 +17,17 @@ class StageSpec:
     module: str
     config_name: str = "config"  # the root configs/config.yaml, or a structured config the module stores
     input_key: str | None = "init"  # the override that receives the input checkpoint
+    # config groups the root defaults list lacks: (group, option selected when the user names none, or None)
+    groups: tuple[tuple[str, str | None], ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
         StageSpec("pretrain", "train.pretrain"),
-        StageSpec("sft", "train.sft"),
-        StageSpec("grpo", "rl.grpo"),
-        StageSpec("distill", "distill.stage"),
+        StageSpec("sft", "train.sft", groups=(("domain", None),)),
+        StageSpec("grpo", "rl.grpo", groups=(("domain", None),)),
+        StageSpec("distill", "distill.stage", groups=(("distill", "default"),)),
         StageSpec("export", "launch.export", config_name="moeforge_export", input_key="checkpoint"),
         StageSpec("generate", "launch.generate", config_name="moeforge_generate", input_key="model"),
         StageSpec("model-info", "launch.model_info", input_key=None),
