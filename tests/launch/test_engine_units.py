@@ -147,3 +147,16 @@ def test_report_shows_outcomes_export_and_generation(tmp_path):
     assert f"exported model: {tmp_path / 'export'}" in text and "generation: '2+2?' -> '4'" in text
     assert "distill" in text and "not finished" in text
     assert (tmp_path / "report.txt").read_text() == text
+
+
+def test_stage_groups_take_the_issue_command_lines():
+    from launch.planner import with_stage_key
+    from launch.stages import get_stage
+
+    assert with_stage_key(get_stage("sft"), ["domain=math", "domain.n_val=3"]) == [
+        "stage=sft", "+domain=math", "domain.n_val=3"]
+    assert with_stage_key(get_stage("grpo"), ["+domain=code"]) == ["stage=grpo", "+domain=code"]
+    assert with_stage_key(get_stage("distill"), ["student=s", "teachers.math=t"]) == [
+        "stage=distill", "student=s", "teachers.math=t", "+distill=default"]
+    assert with_stage_key(get_stage("distill"), ["+distill=default"]) == ["stage=distill", "+distill=default"]
+    assert with_stage_key(get_stage("pretrain"), ["stage=pretrain"]) == ["stage=pretrain"]
