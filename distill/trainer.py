@@ -20,7 +20,6 @@ from distill.teacher import Teacher
 from rl.rollout import Rollout, SamplingConfig, generate, task_prompt
 from train.guard import Verdict
 from train.loop import Trainer
-from train.metrics import MetricsLogger
 from train.precision import autocast
 
 
@@ -142,25 +141,9 @@ class DistillTrainer(Trainer):
         return record
 
     # ------------------------------------------------------------------ evaluation and the run
-    def scores(self) -> dict:
+    def eval_metrics(self) -> dict:
         """The student's held-out accuracy and format rate per domain."""
         out = {}
         for d, r in domain_scores(self.model, self.tokenizer, self.val, self.dcfg).items():
             out[f"student_score/{d}"], out[f"student_format/{d}"] = r["accuracy"], r["format_rate"]
         return out
-
-    def fit(self, metrics: MetricsLogger, first: dict | None = None) -> None:
-        t, every = self.t, self.cfg.checkpoint.every
-        if self.step == 0:
-            metrics.log({"step": 0, **(first or {}), **self.scores()}, advance=False)
-        while self.step < t.max_steps:
-            record = self.train_step()
-            if "rolled_back_to" in record:
-                metrics.rewind(self.step)
-                continue
-            done = self.step == t.max_steps
-            if done or (t.eval_every and self.step % t.eval_every == 0):
-                record.update(self.scores())
-            metrics.log(record)
-            if done or (every and self.step % every == 0):
-                self.save()
