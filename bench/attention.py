@@ -161,14 +161,20 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=None, help="only these models (default: all)")
+    p.add_argument("--impls", nargs="+", default=None, help="only these implementations, e.g. ours-csa sdpa-128")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attention.json")
     args = p.parse_args()
     deadline = time.monotonic() + args.budget_s
     dev = "cuda"
     rows, last = [], {}
     for name, impls in PRIORITY:
+        if args.models and name not in args.models:
+            continue
         sh = shape(name)
         for impl in impls:
+            if args.impls and impl not in args.impls:
+                continue
             for s in args.sizes:
                 row = {"model": name, "impl": impl, "tokens": s}
                 prev = last.get((name, impl))

@@ -15,11 +15,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model.errors import MoeforgeError
-from optim.batched import orthogonalize_many
 from optim.build import _adamw, _muon_groups
 from optim.combined import CombinedOptimizer
 from optim.config import OptimConfig
-from optim.muon import Muon, orthogonalized_update, resolve_ns_dtype
+from optim.muon import Muon
 from optim.newton_schulz import hybrid_schedule
 from optim.rules import ADAMW_RULES, V4_RULES, assign_parameters
 
@@ -51,43 +50,19 @@ def assign_owners(sizes: list[int], n_ranks: int) -> list[int]:
 class DistributedMuon(Muon):
     """`Muon` over FSDP2/expert-parallel parameters; same options, same update, whole matrices only."""
 
-    def _check_params(self) -> None:
-        for group in self.param_groups:
-            names = group.get("names") or [f"<param {i}>" for i in range(len(group["params"]))]
-            for p, name in zip(group["params"], names):
-                needs_gather(p, name)
+    def _check_param(self, p: torch.Tensor, name: str) -> None:
+        needs_gather(p, name)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_params()
-        local_jobs, gathered = [], []
-        for group in self.param_groups:
-            for p, name in zip(group["params"], group.get("names") or [""] * len(group["params"])):
-                if p.grad is None:
-                    continue
-                u = self._momentum(p, group)
-                (gathered if needs_gather(p, name) else local_jobs).append((p, u, group))
-        self._apply(local_jobs, self._orthogonalize([(u, g) for _, u, g in local_jobs]))
-        self._apply(gathered, self._owned_updates(gathered))
-        return loss
-
-    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        g = _local(p.grad)
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor like p: checkpoints see it whole
-        buf = _local(state["momentum_buffer"])
-        buf.mul_(group["momentum"]).add_(g)
-        return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-
-    def _orthogonalize(self, items: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-        specs = [(u, g["row_splits"], g["update_rms"], g["ns_coeffs"],
-                  resolve_ns_dtype(g["ns_dtype"], u.device)) for u, g in items]
-        return orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
+    def _updates(self, jobs: list) -> list[torch.Tensor]:
+        """Whole local matrices are orthogonalised here; sharded ones on their owner rank."""
+        local = [i for i, (p, _, _) in enumerate(jobs) if not needs_gather(p, "")]
+        gathered = [i for i in range(len(jobs)) if i not in set(local)]
+        updates: list[torch.Tensor | None] = [None] * len(jobs)
+        for i, o in zip(local, self._orthogonalize([(jobs[i][1], jobs[i][2]) for i in local])):
+            updates[i] = o
+        for i, o in zip(gathered, self._owned_updates([jobs[i] for i in gathered])):
+            updates[i] = o
+        return updates
 
     def _owned_updates(self, jobs: list) -> list[torch.Tensor]:
         """Gather each sharded update whole, orthogonalise it on its owner, redistribute the shards."""
@@ -110,11 +85,6 @@ class DistributedMuon(Muon):
                 whole = DTensor.from_local(fulls[k], mesh, [Replicate()], run_check=False)
                 results[i] = whole.redistribute(mesh, p.placements).to_local()
         return results
-
-    def _apply(self, jobs: list, updates: list[torch.Tensor]) -> None:
-        for (p, _, group), o in zip(jobs, updates):
-            w, lr = _local(p), group["lr"]
-            w.mul_(1 - lr * group["weight_decay"]).add_(o.to(w.dtype), alpha=-lr)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

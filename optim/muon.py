@@ -124,7 +124,10 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             names = group.get("names") or [f"<param {i}>" for i in range(len(group["params"]))]
             for p, name in zip(group["params"], names):
-                check_whole_matrix(p, name)
+                self._check_param(p, name)
+
+    def _check_param(self, p: torch.Tensor, name: str) -> None:
+        check_whole_matrix(p, name)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,25 +136,31 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()  # parallelism applied after construction must not slip shards in
-        jobs = []  # (weight, u, group)
-        for group in self.param_groups:
-            mu = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w, g = _local(p), _local(p.grad)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(g)
-                jobs.append((w, g.add(buf, alpha=mu) if group["nesterov"] else buf, group))
-        specs = [
-            (u, g["row_splits"], g["update_rms"], g["ns_coeffs"], resolve_ns_dtype(g["ns_dtype"], w.device))
-            for w, u, g in jobs
-        ]
-        updates = orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
-        for (w, _, group), o in zip(jobs, updates):
-            lr = group["lr"]
-            w.mul_(1 - lr * group["weight_decay"]).add_(o.to(w.dtype), alpha=-lr)
+        jobs = [(p, self._momentum(p, group), group)  # (weight, u, group)
+                for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._apply(jobs, self._updates(jobs))
         return loss
+
+    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update the momentum buffer with this step's gradient; returns U (Nesterov or plain)."""
+        g = _local(p.grad)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor like p: checkpoints see it whole
+        buf = _local(state["momentum_buffer"])
+        buf.mul_(group["momentum"]).add_(g)
+        return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+
+    def _updates(self, jobs: list) -> list[torch.Tensor]:
+        """The orthogonalised update of each (weight, u, group) job."""
+        return self._orthogonalize([(u, g) for _, u, g in jobs])
+
+    def _orthogonalize(self, items: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        specs = [(u, g["row_splits"], g["update_rms"], g["ns_coeffs"],
+                  resolve_ns_dtype(g["ns_dtype"], u.device)) for u, g in items]
+        return orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
+
+    def _apply(self, jobs: list, updates: list[torch.Tensor]) -> None:
+        for (p, _, group), o in zip(jobs, updates):
+            w, lr = _local(p), group["lr"]
+            w.mul_(1 - lr * group["weight_decay"]).add_(o.to(w.dtype), alpha=-lr)
