@@ -36,7 +36,8 @@ def run_stage(run_dir: Path, args, precision: str, parallel: bool) -> tuple[list
            "logger.wandb.mode=disabled", "trainer.spike.enabled=false", "optim.warmup_steps=2"]
     if parallel:
         cmd.append("parallel.dp=1")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
