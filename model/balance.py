@@ -2,7 +2,7 @@
 
 import torch
 
-from model.moe import Routing
+from model.moe import Routing, expert_counts
 
 
 def sequence_balance_loss(routing: Routing, batch: int, n_experts: int, top_k: int) -> torch.Tensor:
@@ -18,5 +18,5 @@ def sequence_balance_loss(routing: Routing, batch: int, n_experts: int, top_k: i
 
 
 def expert_load(routing: Routing, n_experts: int) -> torch.Tensor:
-    """Number of (token, slot) assignments per expert over the whole batch, as float [E]."""
-    return torch.bincount(routing.indices_NK.reshape(-1), minlength=n_experts).float()
+    """Number of (token, slot) assignments per expert over the whole batch, as float [E] (no host sync)."""
+    return expert_counts(routing.indices_NK.reshape(-1), n_experts).float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,39 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows per expert [E] (long), on the indices' device without a host sync (CUDA `bincount` syncs)."""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
+def autocast_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows in the autocast dtype when autocast is on for their device: autocast leaves the gathered rows
+    in fp32, and the grouped path wants them in the low-precision dtype its products run in."""
+    device = rows.device.type
+    if rows.is_floating_point() and torch.is_autocast_enabled(device):
+        return rows.to(torch.get_autocast_dtype(device))
+    return rows
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward for `dtype` on this kind of device (probed once
+    on tiny operands: CUDA support depends on the GPU and the build, CPU support on the torch version)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            y.backward(torch.ones_like(y))
+        return bool(torch.equal(y, torch.full_like(y, 16.0)))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
 class Experts(nn.Module):
     """Routed experts stored stacked: w1/w3 [E, I, d], w2 [E, d, I]."""
 
@@ -93,26 +127,27 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """Sort (token, slot) pairs by expert, run each expert on its rows, scatter back weighted.
 
-        `impl`: "grouped" (`torch._grouped_mm`, CUDA) or "loop" (reference); default: grouped where usable.
+        `impl`: "grouped" (`torch._grouped_mm`, no host sync) or "loop" (reference, one sync for the counts);
+        default: grouped where usable (bf16 rows, e.g. under a bf16 autocast; `grouped_usable`).
         """
         flat = indices_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0])
+        counts = expert_counts(flat, self.w1.shape[0])
         token = order // indices_NK.shape[1]
-        rows = x_ND[token]
-        if rows.is_cuda and torch.is_autocast_enabled("cuda"):
-            rows = rows.to(torch.get_autocast_dtype("cuda"))  # autocast leaves gathered rows in fp32
+        rows = autocast_rows(x_ND.index_select(0, token))
         impl = impl or ("grouped" if self.grouped_usable(rows) else "loop")
         if impl == "grouped":
             y = self.grouped(rows, torch.cumsum(counts, 0).to(torch.int32))
         else:
             y = self.loop(rows, counts.tolist())
-        y = y * weights_NK.reshape(-1)[order, None].to(y.dtype)
+        y = y * weights_NK.reshape(-1).index_select(0, order).unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token, y.to(x_ND.dtype))
 
     def grouped_usable(self, rows: torch.Tensor) -> bool:
+        """bf16 rows (the autocast dtype) whose matrix rows are 16-byte aligned, on a device where
+        `torch._grouped_mm` runs; fp32 stays on the loop (the reference)."""
         aligned = all(n * rows.element_size() % 16 == 0 for n in self.w2.shape[1:])
-        return hasattr(torch, "_grouped_mm") and rows.is_cuda and rows.dtype == torch.bfloat16 and aligned
+        return rows.dtype == torch.bfloat16 and aligned and grouped_mm_supported(rows.device.type, rows.dtype)
 
     def loop(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Reference: one SwiGLU per expert on its contiguous block of rows."""
