@@ -232,7 +232,10 @@ def build_peer(args, row: Row, device: torch.device, run_dir: Path) -> Built:
 
     def step() -> float:
         ids = loader.next_batch()["input_ids"].to(device, non_blocking=True)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        # bf16 autocast as a user's loop would have: transformers keeps some V4 parameters in fp32
+        # (seen on CUDA: an fp32 activation reaching a bf16 matmul without it)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -242,7 +245,7 @@ def build_peer(args, row: Row, device: torch.device, run_dir: Path) -> Built:
         opt.zero_grad(set_to_none=True)
 
     details = {"attn": f"hf-{model.config._attn_implementation}",
-               "experts": f"hf-{model.config._experts_implementation}", "precision": "bf16 weights",
+               "experts": f"hf-{model.config._experts_implementation}", "precision": "bf16 weights, bf16 autocast",
                "mtp_layers": 0, "transformers": transformers.__version__}
     return Built(loader, step, reset, details, cfg)
 
