@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.errors import ConfigError
+from train.parallel.deepspeed.options import check_engine
 from train.parallel.layout import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8", "fp8_rowwise", "fp8+fp4_experts")  # train.fp8 runs the fp8 ones
 PP_SCHEDULES = tuple(SCHEDULES)
-ENGINES = ("fsdp", "deepspeed")
 
 
 @dataclass
@@ -75,8 +75,11 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1f1b"
     microbatches: int = 1
-    engine: str = "fsdp"
-    zero_stage: int = 0
+    engine: str = "fsdp"  # fsdp (native) | deepspeed (train.parallel.deepspeed)
+    zero_stage: int = 0  # engine=deepspeed: 1, 2 or 3
+    offload_optimizer: str = "none"  # engine=deepspeed: none | cpu
+    offload_param: str = "none"  # engine=deepspeed, zero_stage=3: none | cpu
+    pin_memory: bool = True  # offloaded tensors in pinned host memory
 
 
 @dataclass
@@ -219,9 +222,7 @@ def _check_layout(cfg: DictConfig) -> None:
         _check_int(f"parallel.{name}", p[name], 1)
     _check_int("parallel.dp", p.dp, 1)
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
-    _one_of("parallel.engine", p.engine, ENGINES)
-    if not 0 <= p.zero_stage <= 3:
-        raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    check_engine(p)
     if p.dp is not None and p.dp % p.ep:
         raise ConfigError("parallel.ep", f"must divide parallel.dp={p.dp}, got {p.ep}")
     if p.pp > 1 and p.microbatches < p.pp:

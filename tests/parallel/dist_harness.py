@@ -19,11 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, out: Path, ckpt: Path, layouts: list[str], timeout: float = 600) -> dict:
-    """Run the worker on `nproc` processes (checkpoints in `ckpt`); return its results (fail with its log)."""
+def torchrun(nproc: int, out: Path, ckpt: Path, layouts: list[str], timeout: float = 600,
+             worker: Path = WORKER) -> dict:
+    """Run `worker` on `nproc` processes (checkpoints in `ckpt`); return its results (fail with its log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), str(WORKER), str(out), str(ckpt), *layouts]
+           "127.0.0.1", "--master-port", str(free_port()), str(worker), str(out), str(ckpt), *layouts]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         log = f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

@@ -68,13 +68,14 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "doc_ids": doc, "labels": labels}
 
 
-def reference() -> list[dict]:
-    """One process, whole global batch: the training loop's step (grad_accum=1)."""
-    model = new_model()
-    opt, _ = build_optimizer(model, OPTIM)
+def reference(model=None, opt=None, first: int = 0) -> list[dict]:
+    """One process, whole global batch: the training loop's step (grad_accum=1); from step `first` when
+    `model` and `opt` come from a checkpoint of it (the steps before are None)."""
+    model = new_model() if model is None else model
+    opt = build_optimizer(model, OPTIM)[0] if opt is None else opt
     updater = RoutingBiasUpdater(model, OPTIM.bias_update_speed)
-    out_steps = []
-    for step in range(STEPS):
+    out_steps = [None] * first
+    for step in range(first, STEPS):
         b = global_batch(step)
         out = model(b["input_ids"], b["doc_ids"])
         lm, mtp = lm_and_mtp_loss(out.logits, out.mtp_logits, b["labels"], b["doc_ids"])
@@ -101,7 +102,8 @@ def parse(spec: str) -> dict:
     return cfg
 
 
-def run_layout(spec: str, ckpt: str) -> list[dict]:
+def layout_mesh(spec: str):
+    """(mesh, action) of a layout spec such as `dp2xep2@save` (validated against this world)."""
     world = dist.get_world_size()
     spec, _, action = spec.partition("@")
     cfg = parse(spec)
@@ -109,13 +111,25 @@ def run_layout(spec: str, ckpt: str) -> list[dict]:
         cfg["dp"] *= cfg.get("ep", 1)
     cfg.setdefault("dp", world // cfg.get("pp", 1))
     layout = resolve_layout(cfg, world, model_config(), batch_size=ROWS // cfg["dp"])
-    pmesh = build_mesh(layout)
+    return build_mesh(layout), action
+
+
+def run_layout(spec: str, ckpt: str) -> list[dict]:
+    pmesh, action = layout_mesh(spec)
     pm = parallelize(new_model(), pmesh, bias_update_speed=OPTIM.bias_update_speed)
     opt = build_distributed_optimizer(pm.modules, OPTIM)
-    rows = ROWS // layout.dp
+    return train(pm, opt, action, lambda: checkpoint.save(Path(ckpt), pm, opt, {"step": SAVE_AT}),
+                 lambda: checkpoint.load(Path(ckpt), pm, opt)["step"])
+
+
+def train(pm, opt, action: str, save, load) -> list[dict]:
+    """STEPS steps of the global batches (after `load()` for action `resume`; `save()` after step SAVE_AT
+    for action `save`); per step the loss and gradient norm, and the eval loss after the last."""
+    pmesh = pm.pmesh
+    rows = ROWS // pmesh.layout.dp
     out_steps, first = [], 0
     if action == "resume":
-        first = checkpoint.load(Path(ckpt), pm, opt)["step"]
+        first = load()
         out_steps = [None] * first
     for step in range(first, STEPS):
         b = global_batch(step)
@@ -128,7 +142,7 @@ def run_layout(spec: str, ckpt: str) -> list[dict]:
         out_steps.append({"loss": res["parts"]["loss"], "grad_norm": norm,
                           "balance_loss": res["parts"].get("balance_loss")})
         if action == "save" and step + 1 == SAVE_AT:
-            checkpoint.save(Path(ckpt), pm, opt, {"step": SAVE_AT})
+            save()
     b = global_batch(STEPS)
     out_steps[-1]["eval"] = pm.eval_loss({k: v[pmesh.dp_rank * rows : (pmesh.dp_rank + 1) * rows]
                                           for k, v in b.items()})[0]

@@ -9,7 +9,8 @@
     pm.update_biases(res["expert_loads"])
     train.parallel.checkpoint.save(path, pm, opt, state) / .load(path, pm, opt)   # DCP, any layout
 
-`train.parallel.trainer.ParallelTrainer` runs the training loop this way (`make_trainer` picks it).
+`train.parallel.trainer.ParallelTrainer` runs the training loop this way (`make_trainer` picks it);
+`train.parallel.deepspeed` is parallel.engine=deepspeed: DeepSpeed ZeRO owning the data axis instead of FSDP2.
 """
 
 from train.parallel.env import detect_env, init_distributed

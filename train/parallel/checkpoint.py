@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
 from model.errors import MoeforgeError
+from model.moe import Experts
 from optim.combined import CombinedOptimizer
 from train.checkpoint import MANIFEST
 from train.parallel.expert import ExpertParallel
@@ -33,7 +34,7 @@ FORMAT = "moeforge-dcp-v1"
 _EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
 
 
-def _expert_offsets(modules) -> dict[str, int]:
+def expert_offsets(modules) -> dict[str, int]:
     """Global index of the first local expert of every expert parameter (ep offset + FSDP shard offset)."""
     out = {}
     for m in modules:
@@ -46,10 +47,12 @@ def _expert_offsets(modules) -> dict[str, int]:
                         size = -(-sub.local // p.device_mesh.size())
                         offset += p.device_mesh.get_local_rank() * size
                     out[f"{prefix}.{name}"] = offset
+            elif isinstance(sub, Experts):  # a one-process model's whole stacks (checkpoint conversion)
+                out.update({f"{prefix}.{name}": 0 for name in ("w1", "w2", "w3")})
     return out
 
 
-def _entries(prefix: str, name: str, t: torch.Tensor, offsets: dict[str, int]) -> dict[str, torch.Tensor]:
+def entries(prefix: str, name: str, t: torch.Tensor, offsets: dict[str, int]) -> dict[str, torch.Tensor]:
     """One checkpoint entry, or one per expert for a local expert stack."""
     if name in offsets:
         local = t.to_local() if isinstance(t, DTensor) else t
@@ -58,14 +61,18 @@ def _entries(prefix: str, name: str, t: torch.Tensor, offsets: dict[str, int]) -
 
 
 def _state(pm: ParallelModel, optimizer: CombinedOptimizer | None, create: set[str] | None = None) -> dict:
-    """Flat name -> tensor view of this rank's model (and optimizer) state; `create` lists optimizer keys
-    whose (empty) state should be made so a load can fill it."""
-    offsets = _expert_offsets(pm.modules)
+    return module_state(pm.modules, optimizer, create)
+
+
+def module_state(modules: list, optimizer: CombinedOptimizer | None, create: set[str] | None = None) -> dict:
+    """Flat name -> tensor view of the model (and optimizer) state of `modules` (this rank's); `create`
+    lists optimizer keys whose (empty) state should be made so a load can fill it."""
+    offsets = expert_offsets(modules)
     state: dict[str, torch.Tensor] = {}
     params: dict[str, torch.Tensor] = {}
-    for m in pm.modules:
+    for m in modules:
         for name, t in m.state_dict().items():
-            state.update(_entries("model.", name, t, offsets))
+            state.update(entries("model.", name, t, offsets))
         params.update(dict(m.named_parameters()))
     if optimizer is not None:
         for key, opt in optimizer.optimizers.items():
@@ -75,7 +82,7 @@ def _state(pm: ParallelModel, optimizer: CombinedOptimizer | None, create: set[s
                         _make_state(opt, p, f"optim.{key}.{name}.", create)
                     for sk, sv in opt.state.get(p, {}).items():
                         if isinstance(sv, torch.Tensor):
-                            state.update(_entries(f"optim.{key}.", f"{name}.{sk}", sv,
+                            state.update(entries(f"optim.{key}.", f"{name}.{sk}", sv,
                                                   {f"{name}.{sk}": offsets[name]} if name in offsets else {}))
     return state
 
@@ -92,18 +99,27 @@ def _make_state(opt, p: torch.Tensor, prefix: str, saved: set[str]) -> None:
 
 def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, train_state: dict) -> Path:
     """Write a sharded checkpoint of this layout to `path` (all ranks call it; atomic rename at the end)."""
+    return write(path, _state(pm, optimizer), train_state, layout_meta(pm.layout))
+
+
+def layout_meta(layout) -> dict:
+    """What the manifest records of the layout a checkpoint was written under."""
+    return {"world": layout.world, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+            "pp_schedule": layout.pp_schedule}
+
+
+def write(path: Path, state: dict[str, torch.Tensor], train_state: dict, layout: dict) -> Path:
+    """Write this rank's `state` (entry name -> tensor; DCP stores an entry several ranks hold once) and,
+    from rank 0, the manifest; the directory appears under its name only once complete."""
     path = Path(path)
     tmp = path.with_name(".tmp-" + path.name)
     if dist.get_rank() == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
-    dcp.save(_state(pm, optimizer), checkpoint_id=str(tmp))
+    dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        layout = pm.layout
-        meta = {**train_state, "format": FORMAT, "layout": {
-            "world": layout.world, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
-            "pp_schedule": layout.pp_schedule}}
+        meta = {**train_state, "format": FORMAT, "layout": layout}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)
@@ -112,18 +128,22 @@ def save(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None, tra
     return path
 
 
-def load(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None) -> dict:
-    """Load a checkpoint written under any layout into this one; returns its JSON train state."""
+def read(path: Path) -> tuple[dict, set[str]]:
+    """(JSON train state, names of the stored entries) of a distributed checkpoint."""
     path = Path(path)
     meta = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
     if meta.get("format") != FORMAT:
         raise MoeforgeError(f"{path} is not a distributed ({FORMAT}) checkpoint; one written by a single "
                             "process (moeforge-checkpoint-v1) starts a parallel run through init=<it>")
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return meta, set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load(path: Path, pm: ParallelModel, optimizer: CombinedOptimizer | None) -> dict:
+    """Load a checkpoint written under any layout into this one; returns its JSON train state."""
+    meta, saved = read(path)
     state = _state(pm, optimizer, create=saved if optimizer is not None else None)
     missing = sorted(k for k in state if k not in saved)
     if missing:
         raise MoeforgeError(f"{path} lacks {missing[:5]} (was it written for another model config?)")
     dcp.load(state, checkpoint_id=str(path))  # in place: per-expert entries are views of the stacks
     return meta
-

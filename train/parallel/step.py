@@ -77,7 +77,7 @@ class ParallelModel:
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(n == len(micro) - 1)
             with forward_ctx():
-                out = model(batch["input_ids"][rows], batch["doc_ids"][rows])
+                out = self._forward(batch["input_ids"][rows], batch["doc_ids"][rows])
             total = lm_objective([out.logits, *out.mtp_logits], tgt[rows], counts, mtp_weight, parts)
             share = sequence_share(out.logits.shape[0], counts)
             for name in ("balance_loss", "indexer_loss"):
@@ -85,10 +85,18 @@ class ParallelModel:
                 if value is not None:
                     parts.add(name, value * share)
                     total = total + value * share
-            total.backward()
+            self._backward(total, last=n == len(micro) - 1)
             if out.expert_loads is not None:
                 loads = out.expert_loads.detach() if loads is None else loads + out.expert_loads.detach()
         return [loads]
+
+    def _forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor):
+        """One forward of the whole model (engine=deepspeed runs it through its engine)."""
+        return self.modules[0](input_ids, doc_ids)
+
+    def _backward(self, total: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; `last`: the step's final one (engine=deepspeed reduces there)."""
+        total.backward()
 
     def _pipelined(self, batches, tgts, counts, mtp_weight, parts, forward_ctx) -> list:
         for m in self.modules:

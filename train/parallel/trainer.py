@@ -42,7 +42,12 @@ def wants_parallel(cfg: DictConfig) -> bool:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, data_builder) -> Trainer:
-    """`ParallelTrainer` when `wants_parallel(cfg)`, else the one-process `Trainer`."""
+    """`DeepSpeedTrainer` for parallel.engine=deepspeed, `ParallelTrainer` when `wants_parallel(cfg)`, else
+    the one-process `Trainer`."""
+    if cfg.parallel.get("engine") == "deepspeed":
+        from train.parallel.deepspeed.trainer import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(cfg, run_dir, data_builder)
     return (ParallelTrainer if wants_parallel(cfg) else Trainer)(cfg, run_dir, data_builder)
 
 
@@ -71,14 +76,17 @@ class ParallelTrainer(Trainer):
         super().__init__(cfg, run_dir, data_builder)  # the whole model, identical on every rank (same seed)
         if cfg.get("init"):  # one-process (safetensors) weights, loaded whole before the split
             checkpoint.load(Path(cfg.init), self.model)
-        optim_cfg = OptimConfig.from_dict(cfg.optim)
-        self.pm = parallelize(self.model, self.pmesh, bias_update_speed=optim_cfg.bias_update_speed)
-        self.optimizer = build_distributed_optimizer(self.pm.modules, optim_cfg)
+        self.pm, self.optimizer = self.build_engine(OptimConfig.from_dict(cfg.optim))
         self.bias_updater = _BiasUpdates(self.pm)
         if dist.get_rank() > 0:  # metrics of other ranks go apart (checkpoints: ckpt_root, already set)
             self.run_dir = self.run_dir / "ranks" / str(dist.get_rank())
             self.run_dir.mkdir(parents=True, exist_ok=True)
         log.info("parallel layout: %s", self.layout.describe())
+
+    def build_engine(self, optim_cfg: OptimConfig):
+        """(split model, its optimizer): FSDP2 + distributed Muon (engine=deepspeed overrides this)."""
+        pm = parallelize(self.model, self.pmesh, bias_update_speed=optim_cfg.bias_update_speed)
+        return pm, build_distributed_optimizer(pm.modules, optim_cfg)
 
     # ------------------------------------------------------------------ one step
     def accumulate(self, batches, mtp_weight: float) -> dict[str, torch.Tensor]:
@@ -118,7 +126,7 @@ class ParallelTrainer(Trainer):
             log.info("resumed from %s at step %d", path, self.step)
 
     def restore(self, path: Path, keep_data_position: bool = False) -> None:
-        state = dist_checkpoint.load(path, self.pm, self.optimizer)
+        state = self.load_checkpoint(path)
         if not keep_data_position:
             self.data.train.load_state_dict(state["data"])
         self.guard.load_state_dict(state["guard"])
@@ -131,9 +139,15 @@ class ParallelTrainer(Trainer):
         state = {"step": self.step, "data": self.data.train.state_dict(), "guard": self.guard.state_dict(),
                  "rollbacks": self.rollbacks, "rng": rng.capture(),
                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        dist_checkpoint.save(path, self.pm, self.optimizer, state)
+        self.save_checkpoint(path, state)
         self.last_checkpoint = path
         if dist.get_rank() == 0:
             checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep)
         dist.barrier()
         return path
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return dist_checkpoint.load(path, self.pm, self.optimizer)
+
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        dist_checkpoint.save(path, self.pm, self.optimizer, state)
