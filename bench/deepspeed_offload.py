@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 with CPU offload on one GPU (issue 12, must-show 3), in one process.
+"""DeepSpeed ZeRO-3 with CPU offload on one GPU (issue 12, must-show 3); every run in its own process.
 
     python bench/deepspeed_offload.py --out bench/results/deepspeed_offload.json
     python bench/deepspeed_offload.py --device cpu --dry --out /tmp/deepspeed_offload.json  # logic, tiny, CPU
@@ -10,17 +10,25 @@ to CPU (`parallel=zero3-offload`) trains the same model `--steps` steps. Part 2,
 model under the native engine, ZeRO-3 and ZeRO-3 + offload. Each run trains on random tokens through
 `ParallelModel.forward_backward` (bf16 autocast on CUDA), the global gradient norm, clipping, the
 optimizer step and the routing-bias update; tokens/s is the median over steps after the first. Prints a
-table and writes JSON. World size 1: the env:// variables are set here (NCCL on CUDA, gloo on CPU).
-Models are `configs/model/<base>.yaml` with `layers` and `experts` changed (hash layers stay first).
+table and writes JSON. Models are `configs/model/<base>.yaml` with `layers` and `experts` changed (hash
+layers stay first); the model is built on the host, and moved whole to the GPU only by the native engine
+(ZeRO-3 partitions it on its way there: train/parallel/deepspeed/placement.py).
+
+Each run is a child process (`--run PART:SIZE:ENGINE --record FILE`, world size 1, its own env://
+rendezvous: NCCL on CUDA, gloo on CPU), so no run inherits another's GPU memory, allocator cache or
+DeepSpeed state; a child that dies (killed for host memory, a crash) is recorded as an error with its exit
+status, and the next run still starts.
 """
 
 import argparse
 import functools
-import gc
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,8 +44,12 @@ from bench.common import table, write_json  # noqa: E402
 SIZES = {"big": ("v4-small", 16, 96), "small": ("v4-small", 8, 32)}
 DRY_SIZES = {"big": ("v4-tiny", 5, 16), "small": ("v4-tiny", 5, 8)}
 ENGINES = {"native": None, "zero3": ("none", "none"), "zero3+offload": ("cpu", "cpu")}
+RUNS = [("capped", "big", "native"), ("capped", "big", "zero3+offload"), ("uncapped", "small", "native"),
+        ("uncapped", "small", "zero3"), ("uncapped", "small", "zero3+offload")]
+FORWARDED = ("device", "cap_gb", "steps", "batch", "seq_len", "lr", "time_limit")  # options a child gets
+BUILD_ALLOWANCE_S = 900.0  # a child's wall-clock limit beyond --time-limit (imports, build, first step)
 COLUMNS = ["part", "model", "params_b", "engine", "status", "steps", "final_loss", "tokens_per_s", "step_s",
-           "peak_gpu_gb", "host_rss_gb"]
+           "build_peak_gpu_gb", "peak_gpu_gb", "host_rss_gb"]
 
 
 def model_config(base: str, layers: int, experts: int):
@@ -88,10 +100,10 @@ def build(engine: str, cfg, args, device: torch.device):
 
     optim_cfg = OptimConfig(lr=args.lr, warmup_steps=0)
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device)  # built on the CPU: its init draws from CPU generators
+    model = Transformer(cfg)  # on the host (its init draws from CPU generators); the engine places it
     pmesh = build_mesh(resolve_layout({"dp": 1}, 1, cfg, args.batch), device.type)
     if ENGINES[engine] is None:
-        pm = parallelize(model, pmesh, bias_update_speed=optim_cfg.bias_update_speed)
+        pm = parallelize(model.to(device), pmesh, bias_update_speed=optim_cfg.bias_update_speed)
         return pm, build_distributed_optimizer(pm.modules, optim_cfg)
     offload_optimizer, offload_param = ENGINES[engine]
     opts = ZeroOptions(3, offload_optimizer, offload_param)
@@ -131,6 +143,8 @@ def train(part: str, size: str, engine: str, args, device: torch.device) -> dict
     try:
         pm, opt = build(engine, cfg, args, device)
         rec["build_s"] = time.perf_counter() - started
+        if cuda:  # ZeRO-3: about the largest parameter (+ partitions without offload), not the model
+            rec["build_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         for step in range(args.steps):
             t0 = time.perf_counter()
             res = pm.forward_backward([random_batch(cfg, args.batch, args.seq_len, step, device)], 0.3, ctx)
@@ -151,9 +165,6 @@ def train(part: str, size: str, engine: str, args, device: torch.device) -> dict
     except Exception as e:  # recorded, so the other runs still happen (the GPU time is not lost)
         traceback.print_exc()
         rec["status"], rec["error"] = "error", f"{type(e).__name__}: {e}"[:500]
-    finally:
-        pm = opt = None
-        gc.collect()
     timed = times[1:] or times
     if timed:
         rec["step_s"] = statistics.median(timed)
@@ -162,9 +173,54 @@ def train(part: str, size: str, engine: str, args, device: torch.device) -> dict
                host_rss_gb=host_rss_gb())
     if cuda:
         rec["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.empty_cache()
     print(table([rec], COLUMNS), flush=True)
     return rec
+
+
+def one_run(spec: str, record: Path, args) -> None:
+    """The child: one run (`PART:SIZE:ENGINE`) in this process, its record written to `record`."""
+    part, size, engine = spec.split(":")
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("high")
+    start_process_group(device)
+    extra = {}
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        extra = {"gpu_total_gb": total}
+        if part == "capped":
+            extra["cap_gb"] = args.cap_gb
+            fraction = min(1.0, args.cap_gb / total)
+            torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
+    rec = {**train(part, size, engine, args, device), **extra}
+    record.write_text(json.dumps(rec))
+    from train.parallel.deepspeed.runtime import teardown
+
+    teardown()
+
+
+def child_argv(args, spec: str, record: Path) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--run", spec,
+            "--record", str(record)]
+    for name in FORWARDED:
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return argv + (["--dry"] if args.dry else [])
+
+
+def spawn(args, spec: str) -> dict:
+    """Run `spec` in a child process; its record, or an error record when it left none."""
+    part, size, engine = spec.split(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "record.json"
+        try:
+            proc = subprocess.run(child_argv(args, spec, record), cwd=ROOT,
+                                  timeout=args.time_limit + BUILD_ALLOWANCE_S)
+            status = f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"killed after {args.time_limit + BUILD_ALLOWANCE_S:.0f} s"
+        if record.is_file():
+            return json.loads(record.read_text())
+    return {"part": part, "model": "-", "engine": engine, "steps": 0, "status": "error",
+            "error": f"the run's process left no record ({status})"}
 
 
 def main() -> None:
@@ -178,31 +234,23 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per run before it stops stepping")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # PART:SIZE:ENGINE, in a child process
+    p.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.dry:
         args.seq_len, args.batch, args.steps = min(args.seq_len, 64), min(args.batch, 2), min(args.steps, 3)
-    device = torch.device(args.device)
-    torch.set_float32_matmul_precision("high")
-    start_process_group(device)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        result.update(gpu_total_gb=total, cap_gb=args.cap_gb)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb / total), torch.cuda.current_device())
-    for engine in ("native", "zero3+offload"):
-        result["runs"].append(train("capped", "big", engine, args, device))
-        write_json(args.out, result)
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
-    for engine in ("native", "zero3", "zero3+offload"):
-        result["runs"].append(train("uncapped", "small", engine, args, device))
+    if args.run:
+        one_run(args.run, args.record, args)
+        return
+    result = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("run", "record")}, "runs": []}
+    for spec in (":".join(r) for r in RUNS):
+        rec = spawn(args, spec)
+        result["runs"].append(rec)
+        result.update({k: rec[k] for k in ("gpu_total_gb", "cap_gb") if k in rec})
         write_json(args.out, result)
     cap = result.get("cap_gb", "none")
     print(f"\nGPU memory cap of part 1: {cap} GB of {result.get('gpu_total_gb', '-')}")
     print(table(result["runs"], COLUMNS))
-    from train.parallel.deepspeed.runtime import teardown
-
-    teardown()
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision.name, self.device)
         rng.seed_all(self.t.seed)
         self.model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-        self.model = Transformer(self.model_cfg).to(self.device)
+        self.model = Transformer(self.model_cfg).to(self.build_device())
         self.model = apply_fp8(self.model, self.precision)
         if self.t.activation_checkpointing:
             enable_activation_checkpointing(self.model.layers)
@@ -73,6 +73,10 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.step, self.rollbacks, self.last_checkpoint = 0, 0, None
         self.tokenizer_json = self.data.tokenizer.to_str() if getattr(self.data, "tokenizer", None) else None
+
+    def build_device(self) -> torch.device:
+        """Where the whole model is built (an engine that partitions it from the host builds it there)."""
+        return self.device
 
     # ------------------------------------------------------------------ start: resume, init or fresh
     def start(self) -> None:

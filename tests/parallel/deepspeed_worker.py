@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import worker as W
+from deepspeed_audit import Audit, build_bound, host_state
 
 from model.errors import MoeforgeError
 from train.parallel.deepspeed import checkpoint as ds_checkpoint
@@ -32,14 +33,20 @@ from train.parallel.deepspeed.verify import muon_check
 from train.parallel.env import init_distributed
 
 
-def build(engine: str, layout: str):
-    """(DeepSpeedModel, its optimizer facade, action) for `zero3+offload` and a layout spec."""
+def build(engine: str, layout: str, audit: Audit | None = None):
+    """(DeepSpeedModel, its optimizer facade, action) for `zero3+offload` and a layout spec; `audit` (on)
+    accounts the build's device memory, then watches the engine's host-resident state."""
     stage, _, offload = engine.removeprefix("zero").partition("+")
     pmesh, action = W.layout_mesh(layout)
     param_offload = "cpu" if offload and stage == "3" else "none"
     opts = ZeroOptions(int(stage), "cpu" if offload else "none", param_offload)
-    pm = build_deepspeed(W.new_model(), pmesh, W.OPTIM, opts, W.ROWS // pmesh.layout.dp,
-                         W.OPTIM.bias_update_speed)
+    model = W.new_model()
+    if audit is not None:
+        audit.build_model, audit.param_offload = model, param_offload == "cpu"
+    pm = build_deepspeed(model, pmesh, W.OPTIM, opts, W.ROWS // pmesh.layout.dp, W.OPTIM.bias_update_speed)
+    if audit is not None:
+        audit.build_model = None
+        audit.host_state = host_state(pm, param_offload == "cpu") if offload else None
     return pm, DeepSpeedStep(pm, functools.partial(muon_check, pm)), action
 
 
@@ -58,13 +65,22 @@ def facts(pm) -> dict:
 
 
 def run_zero(engine: str, layout: str, root: Path) -> dict:
+    """Train (save or resume) under the audit: the build's device memory (ZeRO-3) and every collective
+    moeforge issues (`deepspeed_audit`)."""
     layout, _, action = layout.partition("@")
     kind, _, name = action.partition("=")
-    pm, opt, _ = build(engine, layout)
     path = root / name
-    steps = W.train(pm, opt, kind, lambda: ds_checkpoint.save(path, pm, {"step": W.SAVE_AT}),
-                    lambda: ds_checkpoint.load(path, pm)["step"])
-    return {"steps": steps, **facts(pm)}
+    with Audit(torch.device("cpu")) as audit:
+        pm, opt, _ = build(engine, layout, audit)
+        whole_after_build = sum(p.numel() > 0 for p in pm.modules[0].parameters()) if pm.stage == 3 else None
+        steps = W.train(pm, opt, kind, lambda: ds_checkpoint.save(path, pm, {"step": W.SAVE_AT}),
+                        lambda: ds_checkpoint.load(path, pm)["step"])
+    out = {"steps": steps, **facts(pm), "collectives_checked": audit.checked,
+           "collective_problems": audit.problems[:20], "collective_sites": sorted(audit.sites)}
+    if pm.stage == 3:
+        out.update(build_peak=audit.build_peak, whole_after_build=whole_after_build,
+                   **build_bound(pm.modules[0], audit.param_offload))
+    return out
 
 
 def run_native(layout: str, root: Path) -> dict:

@@ -1,6 +1,7 @@
 """launcher=deepspeed, for real: `moeforge pretrain launcher=deepspeed launcher.hostfile=<this machine, 2
-slots> parallel=zero2 parallel.ep=2` starts two ranks through DeepSpeed's launcher (CPU, gloo) that train
-under the DeepSpeed engine and write a moeforge checkpoint."""
+slots> parallel=zero3-offload parallel.ep=2` starts two ranks through DeepSpeed's launcher (CPU, gloo) that
+train under the DeepSpeed engine (the training stage's path: the model built on the host, partitioned by
+ZeRO-3, partitions and optimizer offloaded) and write a moeforge checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_deepspeed_launcher_starts_two_ranks(tmp_path):
     hostfile.write_text("localhost slots=2\n")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.cli", "pretrain", "launcher=deepspeed",
-           f"launcher.hostfile={hostfile}", f"launcher.rdzv_port={free_port()}", "parallel=zero2",
+           f"launcher.hostfile={hostfile}", f"launcher.rdzv_port={free_port()}", "parallel=zero3-offload",
            "parallel.ep=2", f"hydra.run.dir={run}", "trainer.batch_size=2", "trainer.max_steps=2",
            "optim.warmup_steps=1", "trainer.seq_len=32", "trainer.eval_every=0", "trainer.eval_batches=1",
            "logger.progress=false", "logger.wandb.mode=disabled"]
@@ -31,4 +32,4 @@ def test_deepspeed_launcher_starts_two_ranks(tmp_path):
     manifest = json.loads((run / "checkpoints" / "step-2" / "manifest.json").read_text())
     layout = manifest["layout"]
     assert manifest["format"] == "moeforge-dcp-v1" and layout["engine"] == "deepspeed"
-    assert (layout["world"], layout["ep"], layout["zero_stage"]) == (2, 2, 2)
+    assert (layout["world"], layout["ep"], layout["zero_stage"]) == (2, 2, 3)

@@ -23,7 +23,15 @@ from train.parallel.deepspeed.flat import (
     scatter_pieces,
 )
 from train.parallel.deepspeed.optimizer import ADAMW, MUON, ZeroOptimizer, adamw_step
-from train.parallel.deepspeed.options import ZeroOptions, check_engine, ds_config
+from train.parallel.deepspeed.options import (
+    MAX_BUCKET,
+    MIN_BUCKET,
+    OFFLOAD_MAX_BUCKET,
+    ZeroOptions,
+    check_engine,
+    ds_config,
+)
+from train.parallel.deepspeed.placement import buffers_to
 
 
 @pytest.mark.parametrize("parallel, key, words", [
@@ -61,6 +69,26 @@ def test_deepspeed_config_is_zero_only():
     assert cfg["gradient_clipping"] == 0.0 and cfg["zero_force_ds_cpu_optimizer"] is False
     assert cfg["train_batch_size"] == 8 and "optimizer" not in cfg
     assert "offload_param" not in ds_config(ZeroOptions(2, "cpu"), 1, 1, 10)["zero_optimization"]
+
+
+def test_offload_keeps_the_device_buckets_small():
+    """With offload the device is short: ZeRO's preallocated gradient bucket is capped (2 GB fp32 at the
+    2.9 B-parameter bench model otherwise); without offload buckets follow the model size to the maximum."""
+    big = 3_000_000_000
+    for opts in (ZeroOptions(3, "cpu", "cpu"), ZeroOptions(3, "cpu"), ZeroOptions(2, "cpu")):
+        zero = ds_config(opts, 1, 1, big)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == OFFLOAD_MAX_BUCKET, opts
+    assert ds_config(ZeroOptions(3), 1, 1, big)["zero_optimization"]["reduce_bucket_size"] == MAX_BUCKET
+    assert ds_config(ZeroOptions(3, "cpu", "cpu"), 1, 1, 10)["zero_optimization"]["reduce_bucket_size"] \
+        == MIN_BUCKET
+
+
+def test_buffers_move_without_the_parameters():
+    """ZeRO-3 placement moves only the buffers whole (the meta device stands for the GPU here)."""
+    model = torch.nn.BatchNorm1d(4)
+    buffers_to(model, torch.device("meta"))
+    assert {b.device.type for b in model.buffers()} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
 SHAPES = [torch.Size((3, 4)), torch.Size((5,)), torch.Size((2, 2, 3))]

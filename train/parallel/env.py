@@ -80,6 +80,16 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOU
     return denv
 
 
+def comm_device(group=None) -> torch.device:
+    """Where the tensors of a collective on `group` (None: the default group) must lie: NCCL communicates
+    only CUDA tensors (this rank's device, set by `init_distributed`), gloo host tensors. A tensor that can
+    be on the host while the run computes on the GPU (offloaded state, a Python number made a tensor) goes
+    through this device."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @contextlib.contextmanager
 def collective(op: str):
     """Name a collective: a failure or timeout inside ends the job with the rank and operation named."""

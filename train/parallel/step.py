@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from optim import RoutingBiasUpdater
-from train.parallel.env import collective
+from train.parallel.env import collective, comm_device
 from train.parallel.grads import clip_, grad_norm
 from train.parallel.layout import Layout
 from train.parallel.loss import (
@@ -140,6 +140,7 @@ class ParallelModel:
         vec = torch.tensor([float(parts.sums[k]) if k in parts.sums else 0.0 for k in PART_NAMES]
                            + [float(k in parts.sums) for k in PART_NAMES], dtype=torch.float64)
         if dist.get_world_size() > 1:
+            vec = vec.to(comm_device(self.pmesh.group("dp")))  # NCCL reduces no host tensor
             with collective("all_reduce(loss parts)"):
                 dist.all_reduce(vec, group=self.pmesh.group("dp"))
                 if self.layout.pp > 1:

@@ -7,6 +7,7 @@ expert parallelism and moeforge's checkpoints stay as with the native engine:
     runtime.py     importing DeepSpeed without compiled ops, its expert groups = our mesh axes, teardown
     flat.py        where parameters lie in ZeRO's flat partitions; whole-tensor gather / scatter
     partitions.py  the engine's partitions as layouts, checked against DeepSpeed's own records
+    placement.py   the model onto the device: whole for ZeRO-1/2, partitioned from the host for ZeRO-3
     optimizer.py   `ZeroOptimizer`: Muon (whole matrices) + AdamW on the partitions, experts as MoE groups
     engine.py      `build_deepspeed` -> `DeepSpeedModel` (forward/backward through the engine, grad norm)
     verify.py      the first step's check that the applied update is moeforge's Muon update

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.block import Block
 from model.errors import MoeforgeError
 from model.transformer import ModelOutput, Transformer
 from optim import OptimConfig, RoutingBiasUpdater
 from train.parallel.deepspeed.optimizer import ZeroOptimizer, mark_expert_params, param_groups
 from train.parallel.deepspeed.options import ZeroOptions, ds_config
 from train.parallel.deepspeed.partitions import Partition, read_partitions
+from train.parallel.deepspeed.placement import place_model
 from train.parallel.deepspeed.runtime import import_deepspeed, register_expert_groups
 from train.parallel.expert import apply_expert_parallel
 from train.parallel.mesh import ParallelMesh
@@ -61,18 +61,6 @@ def _expert_marker(n_experts: int, ep: int, group_name: str) -> nn.Module:
             raise MoeforgeError("ExpertGroups only marks the model for DeepSpeed; it has no forward")
 
     return ExpertGroups()
-
-
-def _place_zero3_experts(model: nn.Module, group_name: str) -> None:
-    """ZeRO-3: partition expert parameters over their expert-data group (DeepSpeed's placement family
-    for expert parameters), everything else over the data axis."""
-    from deepspeed.utils import groups
-
-    edp = groups._get_expert_data_parallel_group(group_name)
-    for p in model.parameters():
-        if getattr(p, "group_name", None) == group_name:
-            p.ds_zero_placement_family, p.ds_zero_partition_group_name = "autoep_expert", group_name
-            p.ds_zero_partition_process_group, p.ds_zero_partition_rank = edp, dist.get_rank(edp)
 
 
 def zero_grad_norm(zopt, stage: int) -> float:
@@ -153,27 +141,22 @@ class DeepSpeedStep:
 
 def build_deepspeed(model: Transformer, pmesh: ParallelMesh, optim_cfg: OptimConfig, opts: ZeroOptions,
                     micro_batch: int, bias_update_speed: float) -> DeepSpeedModel:
-    """Place experts over `ep`, group parameters (experts apart), start the engine, read its partitions."""
+    """Place experts over `ep`, group parameters (experts apart), place the model (`placement`: ZeRO-3
+    partitions it from the host, never whole on the device), start the engine, read its partitions."""
     layout = pmesh.layout
     device = torch.device(pmesh.device_type)
     deepspeed = import_deepspeed(device.type)
     apply_expert_parallel(model, pmesh.group("ep"), pmesh.ep_rank)
-    model.to(device)
     group_name = register_expert_groups(layout.ep, pmesh)
     mark_expert_params(model, group_name)
-    groups = param_groups(model, optim_cfg, group_name)
+    groups = param_groups(model, optim_cfg, group_name)  # whole shapes: before ZeRO-3 partitions them
     names = {id(p): n for g in groups for p, n in zip(g["params"], g["names"])}
+    config = ds_config(opts, micro_batch, layout.dp, sum(p.numel() for p in model.parameters()))
+    place_model(deepspeed, model, opts.stage, config, group_name, device)
     zero = ZeroOptimizer(groups, device)
     wrapped = DictOutput(model)
-    if opts.stage == 3:
-        _place_zero3_experts(model, group_name)
-        # blocks read their submodules' weights directly (the grouped output projection reads wo_a.weight,
-        # shared experts w1.weight...): ZeRO-3 gathers a whole block at its forward, FSDP2's granularity
-        deepspeed.utils.set_z3_leaf_modules(model, [Block])
-    elif any(g.get("moe") for g in groups):
+    if opts.stage != 3 and any(g.get("moe") for g in groups):
         wrapped.expert_groups = _expert_marker(model.config.n_routed_experts, layout.ep, group_name)
-    n_params = sum(p.numel() for p in model.parameters())
-    config = ds_config(opts, micro_batch, layout.dp, n_params)
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=zero, config=config, dist_init_required=False)
     if engine.optimizer.optimizer is not zero:
         raise MoeforgeError(f"DeepSpeed wrapped {type(engine.optimizer.optimizer).__name__}, not moeforge's "

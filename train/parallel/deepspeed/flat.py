@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from model.errors import MoeforgeError
 from optim.distributed import assign_owners
-from train.parallel.env import collective
+from train.parallel.env import collective, comm_device
 
 
 @dataclass(frozen=True)
@@ -130,18 +130,13 @@ def per_param_layout(names: list[str], shapes: list[torch.Size], world: int, ran
     return FlatLayout(list(names), list(shapes), part_off, pieces, rank, group)
 
 
-def _comm_device(t: torch.Tensor, group) -> torch.device:
-    """Where a collective on `group` can run: NCCL needs CUDA tensors (an offloaded partition is on CPU)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return t.device
-
-
 def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], layout: FlatLayout,
                 what: str) -> torch.Tensor:
+    """One all_to_all_single on the communication device (an offloaded partition is on the host, NCCL
+    takes only CUDA tensors); the result comes back to `send`'s device."""
     if layout.world == 1:
         return send
-    device = _comm_device(send, layout.group)
+    device = comm_device(layout.group)
     out = torch.empty(sum(recv_splits), dtype=send.dtype, device=device)
     with collective(f"all_to_all_single({what}, ZeRO partition group)"):
         dist.all_to_all_single(out, send.to(device), recv_splits, send_splits, group=layout.group)

@@ -15,6 +15,9 @@ from model.errors import ConfigError
 ENGINES = ("fsdp", "deepspeed")
 OFFLOAD_DEVICES = ("none", "cpu")
 MIN_BUCKET, MAX_BUCKET = 1 << 20, 500_000_000  # elements; DeepSpeed's default is the maximum
+# with offload the device is what is short: ZeRO-3 preallocates its gradient bucket there (fp32: 2 GB at
+# the maximum); 2**26 elements = 256 MiB fp32 (a larger gradient is reduced on its own, not in the bucket)
+OFFLOAD_MAX_BUCKET = 1 << 26
 PERSISTENCE = 100_000  # DeepSpeed's default ZeRO-3 persistence threshold (elements)
 
 
@@ -72,7 +75,8 @@ def ds_config(opts: ZeroOptions, micro_batch: int, dp: int, n_params: int) -> di
     (inside its optimizer, with the global norm it reports and guards on); DeepSpeed's own optimizers
     and compiled ops are never used (`zero_force_ds_cpu_optimizer: false` lets our optimizer step the
     offloaded partitions)."""
-    bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, n_params)))
+    offload = "cpu" in (opts.offload_optimizer, opts.offload_param)
+    bucket = int(min(OFFLOAD_MAX_BUCKET if offload else MAX_BUCKET, max(MIN_BUCKET, n_params)))
     zero: dict = {"stage": opts.stage, "contiguous_gradients": True, "reduce_scatter": True,
                   "round_robin_gradients": False, "reduce_bucket_size": bucket,
                   "allgather_bucket_size": bucket}

@@ -13,6 +13,8 @@ import functools
 import logging
 from pathlib import Path
 
+import torch
+
 from optim import OptimConfig
 from train.parallel.deepspeed import checkpoint as ds_checkpoint
 from train.parallel.deepspeed.engine import DeepSpeedStep, build_deepspeed
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class DeepSpeedTrainer(ParallelTrainer):
+    def build_device(self) -> torch.device:
+        """The host: the engine places the model (ZeRO-1/2 whole on the device; ZeRO-3 partitioned on its
+        way there, so a model that does not fit the device whole is never whole on it; `placement`)."""
+        return torch.device("cpu")
+
     def build_engine(self, optim_cfg: OptimConfig):
         opts = zero_options(self.cfg.parallel)
         pm = build_deepspeed(self.model, self.pmesh, optim_cfg, opts, micro_batch=self.t.batch_size,

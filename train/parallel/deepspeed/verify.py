@@ -22,6 +22,7 @@ from optim.muon import orthogonalized_update, resolve_ns_dtype
 from train.parallel.deepspeed.flat import gather_whole
 from train.parallel.deepspeed.optimizer import MUON
 from train.parallel.deepspeed.partitions import Partition
+from train.parallel.env import collective, comm_device
 
 log = logging.getLogger(__name__)
 # relative, by Newton-Schulz dtype: NS amplifies rounding in small singular values (8 Keller steps), so the
@@ -87,8 +88,9 @@ def muon_check(pm):
         error = float((applied - want).norm() / want.norm().clamp_min(1e-12))
         errors.append((part.layout.names[i], error, tol))
     worst = torch.tensor(max([e / tol for _, e, tol in errors], default=0.0), dtype=torch.float64,
-                         device=pm.zero.compute_device)  # NCCL reduces only device tensors
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                         device=comm_device())  # NCCL reduces no host tensor
+    with collective("all_reduce(Muon check)"):
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     detail = ", ".join(f"{n}: relative error {e:.3g} (tolerance {t:g})" for n, e, t in errors)
     if worst.item() <= 1:
         if errors:
