@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -50,6 +51,7 @@ def run_cli(args: list[str]) -> int:
     unknown = flags - {"-m", "--multirun", "--cfg"}
     if unknown:
         raise MoeforgeError(f"unknown option {sorted(unknown)[0]}; see moeforge --help")
+    started = time.time()
     stage, pipeline, overrides = _target(words)
     if "--cfg" in flags:
         if pipeline:
@@ -65,16 +67,19 @@ def run_cli(args: list[str]) -> int:
         points = [p + [f"hydra.run.dir={base / str(i)}"] for i, p in enumerate(points)]
     # every point is planned (composed and validated) before anything starts
     plans = [plan_pipeline(pipeline, p) if pipeline else plan_stage(stage, p) for p in points]
-    return execute(plans)
+    return execute(plans, started)
 
 
-def execute(plans: list[Plan]) -> int:
-    """Run the plans locally one after another, or submit them all to SLURM and follow the jobs."""
+def execute(plans: list[Plan], started: float | None = None) -> int:
+    """Run the plans locally one after another, or submit them all to SLURM and follow the jobs;
+    ``started``: when the command began (its planning counts in the first local plan's time)."""
     if plans[0].launcher != "slurm":
+        since = started or time.time()
         for plan in plans:
             run_local(plan)
             if len(plan.steps) > 1:
-                print(format_report(plan), end="", flush=True)
+                print(format_report(plan, time.time() - since), end="", flush=True)
+            since = time.time()
         return 0
     return run_slurm(plans)
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.errors import ConfigError
 
-KINDS = ("local", "torchrun", "slurm")
+KINDS = ("local", "torchrun", "slurm", "deepspeed")
 MODES = ("torchrun", "srun")
 
 
@@ -34,6 +34,8 @@ class LauncherConfig:
     sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. "--exclusive"
     wait: bool = True  # SLURM: follow the jobs until they end
     poll_seconds: float = 2.0
+    threads: int | None = None  # torch intra-op threads of each step's processes; null = torch's default
+    hostfile: str | None = None  # deepspeed: MPI-style hostfile of the nodes (launch/deepspeed_launcher.py)
 
     @property
     def world_size(self) -> int:
@@ -56,11 +58,12 @@ def launcher_config(cfg: DictConfig | None) -> LauncherConfig:
         raise ConfigError("launcher.name", f"{lc.name!r} is not one of {', '.join(KINDS)}")
     if lc.mode not in MODES:
         raise ConfigError("launcher.mode", f"{lc.mode!r} is not one of {', '.join(MODES)}")
-    for key in ("nproc_per_node", "nodes", "max_parallel", "cpus_per_task"):
-        if getattr(lc, key) < 1:
+    for key in ("nproc_per_node", "nodes", "max_parallel", "cpus_per_task", "threads"):
+        if getattr(lc, key) is not None and getattr(lc, key) < 1:
             raise ConfigError(f"launcher.{key}", f"must be >= 1, got {getattr(lc, key)}")
-    if lc.nodes > 1 and lc.name != "slurm":
-        raise ConfigError("launcher.nodes", f"{lc.nodes} nodes need launcher=slurm (local runs on one node)")
+    if lc.nodes > 1 and lc.name not in ("slurm", "deepspeed"):
+        raise ConfigError("launcher.nodes", f"{lc.nodes} nodes need launcher=slurm or launcher=deepspeed "
+                                            "(local runs on one node)")
     return lc
 
 

@@ -47,6 +47,9 @@ def plan_pipeline(name: str, overrides: list[str]) -> Plan:
     common = raw.get("overrides") or []
     if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
         raise ConfigError(f"{where}: overrides", "must be a list of strings")
+    own_launcher = [o for o in common if _top_key(o) == "launcher"]
+    if own_launcher:  # the pipeline's launcher settings (launcher.max_parallel, ...), the user's on top
+        cfg, _ = compose_stage(ROOT, pipeline_overrides(name, own_launcher + infra))
     steps = order_steps([_step(i, s, where, run_dir) for i, s in enumerate(raw["steps"])], where)
     names = {s.name for s in steps}
     user = [o for o in overrides if not _is_run_dir(o)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from launch.launcher import LauncherConfig
@@ -54,6 +56,34 @@ def rank_env_from_slurm(lc: LauncherConfig) -> dict[str, str]:
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished child processes so far."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def is_lead_process() -> bool:
     """True on the process that writes markers: SLURM task 0 / node 0, or any non-SLURM process."""
     return os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+@contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op threads (and OMP_NUM_THREADS for processes started meanwhile) set to ``n`` while the
+    block runs; ``None`` leaves them alone."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before, env_before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_before

@@ -1,45 +1,51 @@
-"""The closing report of a plan: each step's key metrics, the exported model and the generation."""
+"""The closing report of a plan: each step's time and key results, the exported model and the generation."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from launch.headlines import headline
 from launch.markers import read_marker
 from launch.plan import Plan
+from launch.progress import duration
 
-MAX_METRICS = 4
-KEY = re.compile(r"^(final_|accuracy_|student_score|total_params|active_params|max_logit_diff|new_tokens)")
+MAX_COMPLETION = 200  # characters of a generated completion shown
 
 
-def format_report(plan: Plan) -> str:
-    """A short text report built from the steps' markers (also written to <run dir>/report.txt)."""
+def format_report(plan: Plan, elapsed: float | None = None) -> str:
+    """A short text report built from the steps' markers (also written to <run dir>/report.txt);
+    ``elapsed``: the wall time of the command that ran the plan this time."""
+    width = max(len(s.name) for s in plan.steps)
     lines = [f"moeforge {plan.name}: {plan.run_dir}"]
     extras: list[str] = []
+    total = cpu = 0.0
     for step in plan.steps:
         marker = read_marker(Path(step.run_dir))
         if marker is None:
-            lines.append(f"  {step.name:<14} {step.stage:<10} not finished")
+            lines.append(f"  {step.name:<{width}}  {step.stage:<8}  {'':>6}  not finished")
             continue
-        metrics = ", ".join(_fmt(k, v) for k, v in key_metrics(marker.get("metrics") or {}))
-        secs = f"{marker['seconds']:.0f}s" if isinstance(marker.get("seconds"), int | float) else ""
-        lines.append(f"  {step.name:<14} {step.stage:<10} {secs:>6}  {metrics or '-'}")
+        seconds = marker.get("seconds")
+        total += seconds if isinstance(seconds, int | float) else 0.0
+        cpu += marker.get("cpu_seconds") or 0.0
+        took = duration(seconds) if isinstance(seconds, int | float) else ""
         summary = marker.get("summary") or {}
+        first, *more = headline(step.stage, summary, marker.get("metrics") or {}).splitlines()
+        lines.append(f"  {step.name:<{width}}  {step.stage:<8}  {took:>6}  {first}")
+        lines += [" " * (width + 22) + line for line in more]
         if step.stage == "export" and marker.get("checkpoint"):
             extras.append(f"  exported model: {marker['checkpoint']}")
         if "completion" in summary:
-            extras.append(f"  generation: {summary.get('prompt', '')!r} -> {summary['completion']!r}")
-    text = "\n".join(lines + extras) + "\n"
+            text = summary["completion"]
+            shown = text if len(text) <= MAX_COMPLETION else text[:MAX_COMPLETION] + "..."
+            extras.append(f"  generation: {_one_line(summary.get('prompt', ''))} -> {_one_line(shown)}")
+    timing = f"  step times add up to {duration(total)}" + (f" (CPU {duration(cpu)})" if cpu else "")
+    if elapsed is not None:
+        timing += f"; this command ran {duration(elapsed)}"
+    text = "\n".join(lines + [timing] + extras) + "\n"
     (Path(plan.run_dir) / "report.txt").write_text(text)
     return text
 
 
-def key_metrics(metrics: dict) -> list[tuple[str, float]]:
-    """Up to MAX_METRICS scalar metrics, the outcome ones (final losses, accuracies, scores) first."""
-    scalars = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    first = [kv for kv in scalars if KEY.search(kv[0])]
-    return (first + [kv for kv in scalars if kv not in first])[:MAX_METRICS]
-
-
-def _fmt(k: str, v) -> str:
-    return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+def _one_line(text: str) -> str:
+    """``text`` in double quotes on one line (line breaks shown as \\n, other characters as they are)."""
+    return '"' + text.replace("\n", "\\n") + '"'

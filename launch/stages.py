@@ -8,6 +8,8 @@ from types import ModuleType
 
 from model.errors import ConfigError
 
+WARMUP = "optim.warmup_steps"
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -19,15 +21,16 @@ class StageSpec:
     input_key: str | None = "init"  # the override that receives the input checkpoint
     # config groups the root defaults list lacks: (group, option selected when the user names none, or None)
     groups: tuple[tuple[str, str | None], ...] = ()
+    warmup_key: str | None = None  # the LR warm-up of its optimizer schedule (over trainer.max_steps)
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("pretrain", "train.pretrain"),
-        StageSpec("sft", "train.sft", groups=(("domain", None),)),
-        StageSpec("grpo", "rl.grpo", groups=(("domain", None),)),
-        StageSpec("distill", "distill.stage", groups=(("distill", "default"),)),
+        StageSpec("pretrain", "train.pretrain", warmup_key=WARMUP),
+        StageSpec("sft", "train.sft", groups=(("domain", None),), warmup_key=WARMUP),
+        StageSpec("grpo", "rl.grpo", groups=(("domain", None),), warmup_key="grpo.warmup_steps"),
+        StageSpec("distill", "distill.stage", groups=(("distill", "default"),), warmup_key=WARMUP),
         StageSpec("export", "launch.export", config_name="moeforge_export", input_key="checkpoint"),
         StageSpec("generate", "launch.generate", config_name="moeforge_generate", input_key="model"),
         StageSpec("model-info", "launch.model_info", input_key=None),

@@ -26,8 +26,25 @@ def validate_stage(spec: StageSpec, cfg: DictConfig, check_input: bool = True) -
         stage_validate = getattr(load_stage(spec), "validate", None)
         if callable(stage_validate):
             stage_validate(cfg)
+    if spec.warmup_key:
+        check_schedule(spec.warmup_key, cfg)
     if check_input and spec.input_key:
         check_input_path(spec.input_key, OmegaConf.select(cfg, spec.input_key, default=None))
+
+
+def check_schedule(warmup_key: str, cfg: DictConfig) -> None:
+    """Build the LR schedule the stage will build (``optim.*`` with its warm-up from ``warmup_key``, over
+    ``trainer.max_steps``), so that a warm-up longer than the run fails now, not when the step starts."""
+    from optim import OptimConfig, build_schedule
+
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim["warmup_steps"] = OmegaConf.select(cfg, warmup_key)
+    try:
+        build_schedule(OptimConfig.from_dict(optim), cfg.trainer.max_steps)
+    except ConfigError as e:
+        if e.key != "optim.warmup_steps" or warmup_key == e.key:
+            raise
+        raise ConfigError(warmup_key, str(e)[len(e.key) + 2:]) from e
 
 
 def check_input_path(key: str, path) -> None:

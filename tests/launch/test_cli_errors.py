@@ -26,6 +26,9 @@ def fails(capsys, *args: str) -> str:
     (["pipeline=smoke", "launcher=slurm", "launcher.nodes=zero"], "launcher.nodes: expected an int"),
     (["--multirun", "model-info", "model.hidden_size=64,abc"], "model.hidden_size: expected an int"),
     (["--fast", "model-info"], "unknown option --fast"),
+    (["pipeline=demo", "trainer.max_steps=5"], "step pretrain: optim.warmup_steps: 20 > the 5 steps"),
+    (["pipeline=demo", "grpo.warmup_steps=9"], "step grpo-math: grpo.warmup_steps: 9 > the 8 steps"),
+    (["pipeline=demo", "launcher.threads=0"], "launcher.threads: must be >= 1"),
 ])
 def test_bad_override_names_the_key(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -66,11 +69,16 @@ def test_command_line_overrides_go_to_the_steps_that_have_the_key(tmp_path):
     from launch.planner import plan_pipeline
 
     plan = plan_pipeline("demo", ["domain.n_val=8", "max_new_tokens=4", "checkpoint.every=3",
-                                  "launcher.max_parallel=2", f"hydra.run.dir={tmp_path}/demo"])
+                                  "launcher.threads=2", f"hydra.run.dir={tmp_path}/demo"])
     ovs = {s.name: s.overrides for s in plan.steps}
-    assert ovs["sft-math"][-3:] == ["domain.n_val=8", "checkpoint.every=3", "launcher.max_parallel=2"]
+    assert ovs["sft-math"][-3:] == ["domain.n_val=8", "checkpoint.every=3", "launcher.threads=2"]
     assert "domain.n_val=8" not in ovs["pretrain"] and "checkpoint.every=3" in ovs["pretrain"]
-    assert ovs["generate"][-2:] == ["max_new_tokens=4", "launcher.max_parallel=2"]
+    assert ovs["generate"][-2:] == ["max_new_tokens=4", "launcher.threads=2"]
     assert not any(o.startswith("checkpoint.every") for o in ovs["export"])
-    assert plan.max_parallel == 2 and plan.run_dir == str(tmp_path / "demo")
+    assert plan.run_dir == str(tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
+    # the pipeline's own launcher settings, the user's on top: demo.yaml runs two one-thread steps at once
+    assert plan.max_parallel == 2 and all(s.launcher["threads"] == 2 for s in plan.steps)
+    smoke = plan_pipeline("smoke", ["launcher.threads=3", f"hydra.run.dir={tmp_path}/smoke"])
+    assert smoke.max_parallel == 1 and all(s.launcher["threads"] == 3 for s in smoke.steps)
+

@@ -79,6 +79,8 @@ def test_plan_roundtrip(tmp_path):
     ({"nodes": 2}, "launcher.nodes"),
     ({"partiton": "gpu"}, "launcher.partiton"),
     ({"setup": "module load x"}, "launcher.setup"),
+    ({"threads": 0}, "launcher.threads"),
+    ({"threads": "one"}, "launcher.threads"),
 ])
 def test_launcher_errors_name_the_key(launcher, key):
     with pytest.raises(ConfigError) as e:
@@ -135,18 +137,75 @@ def test_report_shows_outcomes_export_and_generation(tmp_path):
     from launch.report import format_report
 
     steps = [Step(n, st, run_dir=str(tmp_path / n)) for n, st in
-             (("grpo-math", "grpo"), ("export", "export"), ("generate", "generate"), ("distill", "distill"))]
+             (("pretrain", "pretrain"), ("grpo-code", "grpo"), ("distill", "distill"), ("export", "export"),
+              ("generate", "generate"), ("info", "model-info"), ("later", "sft"))]
     for s in steps:
         (tmp_path / s.name).mkdir()
-    write_marker(tmp_path / "grpo-math", {"metrics": {"steps": 10, "n_val": 128, "accuracy_before": 0.1,
-                                                      "accuracy_after": 0.25}, "seconds": 61.2})
-    write_marker(tmp_path / "export", {"checkpoint": str(tmp_path / "export"), "metrics": {"params": 5}})
-    write_marker(tmp_path / "generate", {"summary": {"prompt": "2+2?", "completion": "4"}, "metrics": {}})
-    text = format_report(Plan("demo", str(tmp_path), steps))
-    assert "accuracy_before=0.1, accuracy_after=0.25, steps=10, n_val=128" in text and "61s" in text
-    assert f"exported model: {tmp_path / 'export'}" in text and "generation: '2+2?' -> '4'" in text
-    assert "distill" in text and "not finished" in text
+    write_marker(tmp_path / "pretrain", {"metrics": {"steps": 120, "first_loss": 8.34, "final_loss": 4.5,
+                                                     "first_val_loss": 8.33, "final_val_loss": 4.61},
+                                         "seconds": 250.0, "cpu_seconds": 200.0})
+    write_marker(tmp_path / "grpo-code", {"summary": {"domain": "code"}, "seconds": 61.2, "metrics": {
+        "steps": 10, "n_val": 128, "accuracy_before": 0.1, "accuracy_after": 0.25, "reward_first": 0.05,
+        "reward_last": 0.3}})
+    write_marker(tmp_path / "distill", {"seconds": 30, "cpu_seconds": 25.5, "metrics": {"domains": {
+        "math": {"student_score_before": 0.0, "student_score": 0.125, "teacher_score": 0.25,
+                 "kl_first": 7.954, "kl_final": 4.1612},
+        "code": {"student_score_before": None, "student_score": 0.5, "teacher_score": 0.5}}}})
+    write_marker(tmp_path / "export", {"checkpoint": str(tmp_path / "export"),
+                                       "metrics": {"params": 4424550, "max_logit_diff": 6.5e-07}})
+    write_marker(tmp_path / "generate", {"summary": {"prompt": "2+2?", "completion": "4\n" + "x" * 300},
+                                         "metrics": {"new_tokens": 32, "seconds": 1.04}})
+    write_marker(tmp_path / "info", {"metrics": {"total_params": 5, "active_params": 2, "name": "x"}})
+    text = format_report(Plan("demo", str(tmp_path), steps), elapsed=400.0)
+    lines = text.splitlines()
+    assert lines[1].split() == ["pretrain", "pretrain", "4m10s", "val", "loss", "8.330", "->", "4.610,",
+                                "train", "loss", "8.340", "->", "4.500", "(120", "steps)"]
+    assert "code held-out pass rate 10.0% -> 25.0% (n=128, 10 steps), reward 0.05 -> 0.30" in lines[2]
+    assert lines[2].split()[2] == "1m01s"
+    assert lines[3].endswith("code pass rate: student 50.0% vs teacher 50.0%")  # one line per domain
+    assert lines[4].strip() == ("math accuracy: student 0.0% -> 12.5% vs teacher 25.0%, "
+                                "KL to the teacher 7.954 -> 4.161")
+    assert "4.42M parameters, transformers' logits within 6.5e-07 of the checkpoint's" in lines[5]
+    assert "32 new tokens through transformers in 1.0s" in lines[6]
+    assert lines[7].endswith("total_params=5, active_params=2")  # a stage without its own line
+    assert lines[8].split()[-2:] == ["not", "finished"]
+    assert lines[9] == "  step times add up to 5m41s (CPU 3m46s); this command ran 6m40s"  # 250 + 61.2 + 30 s
+    assert f"exported model: {tmp_path / 'export'}" in text
+    assert 'generation: "2+2?" -> "4\\n' + "x" * 198 + '..."' in text  # on one line, cut at MAX_COMPLETION
     assert (tmp_path / "report.txt").read_text() == text
+
+
+def test_progress_says_where_a_step_is(tmp_path):
+    from launch.progress import duration, label, position, status_line
+
+    assert [duration(s) for s in (0.4, 59.6, 61, 3599, 3725)] == ["0s", "1m00s", "1m01s", "59m59s", "1h02m"]
+    plan = Plan("p", str(tmp_path), [Step(n, "sft", run_dir=str(tmp_path / n)) for n in ("a", "b", "c")])
+    assert label(plan, "b") == "step 2/3 b"
+    assert label(Plan("a", str(tmp_path), plan.steps[:1]), "a") == "step a"  # a single stage
+    assert position(tmp_path / "a") is None
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 8}\n{"step": 20, "loss": 7}\n{"st')
+    assert position(tmp_path / "a") == "20"  # a half-written last line is passed over
+    saved = tmp_path / "a" / ".hydra" / "config.yaml"
+    OmegaConf.save(OmegaConf.create({"trainer": {"max_steps": 40}}), saved)
+    assert status_line(plan, ["a", "b"], 250) == "[moeforge] 4m10s: a at step 20/40, b starting"
+
+
+def test_threads_setting_applies_while_a_step_runs_and_is_undone(monkeypatch):
+    import os
+
+    import torch
+
+    from launch.procs import intra_op_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    with intra_op_threads(want):
+        assert torch.get_num_threads() == want and os.environ["OMP_NUM_THREADS"] == str(want)
+    assert torch.get_num_threads() == before and os.environ["OMP_NUM_THREADS"] == "2"
+    with intra_op_threads(None):
+        assert torch.get_num_threads() == before
 
 
 def test_stage_groups_take_the_issue_command_lines():

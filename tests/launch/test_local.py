@@ -53,11 +53,13 @@ def test_parallel_steps_then_rerun_skips_them(tmp_path, monkeypatch, capsys):
     report = (run / "report.txt").read_text()
     assert all(n in report for n in names) and "active_params=" in report
     stamps = {n: (run / n / "DONE.json").stat().st_mtime_ns for n in names}
+    logs = {n: (run / ".moeforge" / f"{n}.out").read_text() for n in names}
     capsys.readouterr()
-    run_cli("pipeline=model-sizes")
+    run_cli("pipeline=model-sizes", "launcher.max_parallel=2")
     out = capsys.readouterr().out
     assert all(f"step {n}: finished earlier, skipped" in out for n in names)
     assert stamps == {n: (run / n / "DONE.json").stat().st_mtime_ns for n in names}
+    assert logs == {n: (run / ".moeforge" / f"{n}.out").read_text() for n in names}  # no process started
 
 
 def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path, monkeypatch):
@@ -71,7 +73,10 @@ def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_pipeline_resumes_the_interrupted_step(tmp_path, cli, cli_background, wait_until):
     run = tmp_path / "smoke"
-    proc = cli_background("pipeline=smoke", f"hydra.run.dir={run}", cwd=tmp_path, log=tmp_path / "first.log")
+    # the first run starts each step as its own process (the demo's way, launcher.max_parallel=2); the
+    # whole process group is killed, as Ctrl-C in a terminal would; the re-run runs steps in-process
+    proc = cli_background("pipeline=smoke", "launcher.max_parallel=2", f"hydra.run.dir={run}", cwd=tmp_path,
+                          log=tmp_path / "first.log")
     try:
         wait_until(lambda: (run / "anneal" / "checkpoints" / "step-1").is_dir() or proc.poll() is not None,
                    600, "the anneal step's first checkpoint", poll=0.2)
@@ -91,4 +96,4 @@ def test_killed_pipeline_resumes_the_interrupted_step(tmp_path, cli, cli_backgro
     done = json.loads((run / "anneal" / "DONE.json").read_text())
     assert done["checkpoint"].endswith("anneal/checkpoints/step-3") and done["metrics"]["steps"] == 3
     report = (run / "report.txt").read_text()
-    assert f"exported model: {run}/export/hf" in report and "generation: 'def add(a, b):' -> " in report
+    assert f"exported model: {run}/export/hf" in report and 'generation: "def add(a, b):" -> ' in report

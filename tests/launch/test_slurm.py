@@ -53,7 +53,7 @@ def test_failed_step_cancels_dependants_and_resubmission_resumes(tmp_path, slurm
         assert done["checkpoint"].endswith(f"{step}/checkpoints/step-3")
     assert (run / "export" / "hf" / "config.json").is_file()
     assert json.loads((run / "generate" / "summary.json").read_text())["metrics"]["new_tokens"] >= 1
-    assert "generation: 'def add(a, b):' -> " in out
+    assert 'generation: "def add(a, b):" -> ' in out
     # everything finished: a third submission submits nothing
     again = cli(*args, cwd=tmp_path).stdout
     assert all(f"{step}: finished earlier, skipped" in again for step in ids)
