@@ -25,7 +25,8 @@ class DistillConfig:
     beta: float = 0.5  # JSD(beta) mixture weight
     temperature: float = 1.0  # of both distributions inside the divergence
     reduction: str = "token"  # token: mean over all tokens | sequence: per sequence, then over sequences
-    chunk_rows: int = 256  # response positions per teacher-logit chunk ([chunk_rows, V] alive at once)
+    chunk_rows: int = 256  # response positions per teacher-logit block
+    chunk_vocab: int = 8192  # vocabulary entries per block: [chunk_rows, chunk_vocab] teacher logits at once
     weights: dict[str, float] = field(default_factory=dict)  # per teacher (domain); missing = 1.0
     prompts_per_domain: int = 8
     samples_per_prompt: int = 1
@@ -35,6 +36,7 @@ class DistillConfig:
     micro_batch: int = 64  # sequences per forward/backward (gradient accumulation inside a step)
     use_cache: bool = True  # sample with the model's decode cache (false = recompute, the reference)
     teacher_device: str = "same"  # same (the student's device) | cpu | cuda | cuda:N
+    teacher_ranks: list[int] = field(default_factory=list)  # torchrun ranks hosting the teachers ([]: local)
     n_train: int = 2000  # training prompts per domain
     n_val: int = 64  # held-out prompts per domain (scored greedily)
     task_seed: int = 0
@@ -63,6 +65,10 @@ class DistillConfig:
         dev = self.teacher_device
         if not (dev in ("same", "cpu", "cuda") or dev.startswith("cuda:")):
             raise ConfigError("distill.teacher_device", f"must be same, cpu, cuda or cuda:N, got {dev!r}")
+        ranks = list(self.teacher_ranks)
+        bad = any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks)
+        if bad or len(set(ranks)) < len(ranks):
+            raise ConfigError("distill.teacher_ranks", f"must be distinct ranks >= 0, got {ranks}")
         self.loss_config()
         return self
 
@@ -71,7 +77,8 @@ class DistillConfig:
         reported beside the estimator's loss."""
         kind = "reverse_kl" if self.kind == SAMPLED else self.kind
         return DistillLossConfig(kind=kind, beta=self.beta, temperature=self.temperature,
-                                 reduction=self.reduction, chunk_rows=self.chunk_rows).validate()
+                                 reduction=self.reduction, chunk_rows=self.chunk_rows,
+                                 chunk_vocab=self.chunk_vocab).validate()
 
     def weight(self, domain: str) -> float:
         return float(self.weights.get(domain, 1.0))

@@ -1,23 +1,27 @@
 """On-policy distillation losses (training-algorithms §7): full-vocabulary KLs, generalised JSD, and the
-sampled-token estimator. Gradients reach only the student: teacher logits are always detached.
+sampled-token estimator. Gradients reach only the student: teacher log-probabilities are never tracked.
 
-``divergence`` is the plain reference (all positions at once); ``chunked_divergence`` computes the same
-values ``chunk_rows`` positions at a time under activation checkpointing, so the softmax intermediates of
-only one chunk ([chunk_rows, V]) are alive at once, in the forward and in the backward.
+``divergence`` is the plain reference (all positions, the whole vocabulary at once). ``divergence_rows``
+computes the same values ``chunk_rows`` positions by ``chunk_vocab`` vocabulary entries at a time
+(distill.streaming): the teacher's log-probabilities come from a *row source*, ``source(i, j)`` -> its
+log-prob chunks of positions i:j in vocabulary order, built from full logits (``logits_source``), from
+final hidden states and a head (``head_source``), or received from a teacher rank (distill.remote).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from model.errors import ConfigError
+from distill.streaming import Chunk, logprob_chunks, streamed_divergence
+from model.errors import ConfigError, MoeforgeError
 from rl.grpo_loss import aggregate
 
+RowSource = Callable[[int, int], Iterable[Chunk]]  # flattened positions i:j -> the teacher's log-prob chunks
 KINDS = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
 
@@ -25,13 +29,15 @@ REDUCTIONS = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
 @dataclass(frozen=True)
 class DistillLossConfig:
     """``kind``: reverse_kl = KL(student || teacher) (V4's OPD), forward_kl, or jsd (GKD's JSD(beta),
-    ``beta`` in (0, 1)); ``reduction``: mean over all tokens, or per sequence then over sequences."""
+    ``beta`` in (0, 1)); ``reduction``: mean over all tokens, or per sequence then over sequences;
+    ``chunk_rows`` x ``chunk_vocab``: the largest block of teacher logits alive at once."""
 
     kind: str = "reverse_kl"
     beta: float = 0.5
     temperature: float = 1.0
     reduction: str = "token"
     chunk_rows: int = 1024
+    chunk_vocab: int = 8192
 
     def validate(self) -> DistillLossConfig:
         if self.kind not in KINDS:
@@ -42,8 +48,9 @@ class DistillLossConfig:
             raise ConfigError("distill.temperature", f"must be > 0, got {self.temperature}")
         if self.reduction not in REDUCTIONS:
             raise ConfigError("distill.reduction", f"{self.reduction!r} is not one of {tuple(REDUCTIONS)}")
-        if self.chunk_rows < 1:
-            raise ConfigError("distill.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
+        for key in ("chunk_rows", "chunk_vocab"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distill.{key}", f"must be >= 1, got {getattr(self, key)}")
         return self
 
 
@@ -69,60 +76,68 @@ def divergence(
     raise ConfigError("distill.kind", f"{kind!r} is not one of {KINDS}")
 
 
-def _chunked(student_logits_BTV: torch.Tensor, teacher_chunk, cfg: DistillLossConfig) -> torch.Tensor:
-    """Per-position divergence, ``cfg.chunk_rows`` flattened positions at a time; ``teacher_chunk(i, j)``
-    gives the (detached) teacher logits of positions ``i:j``."""
+def _check_rows(n: int, i: int, j: int) -> None:
+    if not 0 <= i < j <= n:
+        raise MoeforgeError(f"teacher rows [{i}, {j}) outside the {n} rows of this batch")
+
+
+def logits_source(teacher_logits_NV: torch.Tensor, cfg: DistillLossConfig) -> RowSource:
+    """The teacher's log-prob chunks of rows i:j from its full logits (the reference form)."""
+    t = teacher_logits_NV.detach()
+
+    def rows(i: int, j: int):
+        _check_rows(t.shape[0], i, j)
+        return logprob_chunks(lambda a, b: t[i:j, a:b], t.shape[1], cfg.chunk_vocab, cfg.temperature)
+
+    return rows
+
+
+def head_source(teacher_hidden_NH: torch.Tensor, head, vocab: int, cfg: DistillLossConfig) -> RowSource:
+    """The teacher's log-prob chunks of rows i:j rebuilt from its final hidden states through
+    ``head(hidden, v0, v1)`` (logits of vocabulary v0:v1), one [rows, chunk_vocab] block at a time: V4
+    keeps only the teachers' hidden states and rebuilds logits on the fly."""
+    h = teacher_hidden_NH.detach()
+
+    def rows(i: int, j: int):
+        _check_rows(h.shape[0], i, j)
+
+        def logits(a: int, b: int) -> torch.Tensor:
+            with torch.no_grad():
+                return head(h[i:j], a, b)
+
+        return logprob_chunks(logits, vocab, cfg.chunk_vocab, cfg.temperature)
+
+    return rows
+
+
+def divergence_rows(
+    student_logits_BTV: torch.Tensor, source: RowSource, cfg: DistillLossConfig,
+    tokens_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position divergence [B, T] (gradient to the student only), ``cfg.chunk_rows`` flattened
+    positions by ``cfg.chunk_vocab`` vocabulary entries at a time; with ``tokens_BT`` also the teacher's
+    log-probabilities of those tokens [B, T]. ``source(i, j)`` gives the teacher's log-prob chunks of
+    positions i:j and is asked for consecutive row blocks, in order."""
     lead = student_logits_BTV.shape[:-1]
     s = student_logits_BTV.reshape(-1, student_logits_BTV.shape[-1])
-    args = (cfg.kind, cfg.beta, cfg.temperature)
-    parts = []
+    tok = tokens_BT.reshape(-1) if tokens_BT is not None else None
+    divs, tok_lps = [], []
     for i in range(0, s.shape[0], cfg.chunk_rows):
-        sc, tc = s[i : i + cfg.chunk_rows], teacher_chunk(i, i + cfg.chunk_rows).detach()
-        if torch.is_grad_enabled() and sc.requires_grad:
-            parts.append(checkpoint(divergence, sc, tc, *args, use_reentrant=False))
-        else:
-            parts.append(divergence(sc, tc, *args))
-    return torch.cat(parts).view(lead)
+        j = min(i + cfg.chunk_rows, s.shape[0])
+        d, lp = streamed_divergence(s[i:j], source(i, j), cfg.kind, cfg.beta, cfg.temperature,
+                                    cfg.chunk_vocab, tok[i:j] if tok is not None else None)
+        divs.append(d)
+        tok_lps.append(lp)
+    per_pos = torch.cat(divs).view(lead)
+    return per_pos, (torch.cat(tok_lps).view(lead) if tok is not None else None)
 
 
 def chunked_divergence(
     student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, cfg: DistillLossConfig
 ) -> torch.Tensor:
-    """``divergence`` computed ``cfg.chunk_rows`` positions at a time with bounded memory; [B, T]."""
-    t = teacher_logits_BTV.detach().reshape(-1, teacher_logits_BTV.shape[-1])
-    return _chunked(student_logits_BTV, lambda i, j: t[i:j], cfg)
-
-
-def head_chunked_divergence(
-    student_logits_BTV: torch.Tensor, teacher_hidden_BTH: torch.Tensor, teacher_head, cfg: DistillLossConfig
-) -> torch.Tensor:
-    """``chunked_divergence`` where the teacher's logits are rebuilt chunk by chunk from its final hidden
-    states through ``teacher_head`` ([N, H] -> [N, V]), so at most ``chunk_rows`` rows of teacher logits
-    exist at once (V4 keeps only teacher hidden states); [B, T]."""
-    h = teacher_hidden_BTH.detach().reshape(-1, teacher_hidden_BTH.shape[-1])
-
-    def teacher_chunk(i: int, j: int) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher_head(h[i:j]).to(student_logits_BTV.device)
-
-    return _chunked(student_logits_BTV, teacher_chunk, cfg)
-
-
-def head_chunked_token_logprobs(
-    teacher_hidden_BTH: torch.Tensor, teacher_head, tokens_BT: torch.Tensor, chunk_rows: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """The teacher's log-probabilities of ``tokens_BT`` under ``log_softmax(logits / temperature)``, its
-    logits rebuilt ``chunk_rows`` rows at a time from its hidden states (no gradient); [B, T]."""
-    h = teacher_hidden_BTH.detach().reshape(-1, teacher_hidden_BTH.shape[-1])
-    tok = tokens_BT.reshape(-1)
-    parts = []
-    with torch.no_grad():
-        for i in range(0, h.shape[0], chunk_rows):
-            logits = teacher_head(h[i : i + chunk_rows]).to(tok.device).float()
-            lp = F.log_softmax(logits / temperature, dim=-1)
-            parts.append(lp.gather(1, tok[i : i + chunk_rows, None]).squeeze(1))
-    return torch.cat(parts).view(tokens_BT.shape)
+    """``divergence`` computed in [chunk_rows, chunk_vocab] blocks with bounded memory; [B, T]."""
+    t = teacher_logits_BTV.reshape(-1, teacher_logits_BTV.shape[-1])
+    return divergence_rows(student_logits_BTV, logits_source(t, cfg), cfg)[0]
 
 
 def distill_loss(

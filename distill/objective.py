@@ -8,15 +8,9 @@ position `plen_b - 1 + t` of the input `ids[:, :-1]`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distill.config import SAMPLED, DistillConfig
-from distill.losses import (
-    REDUCTIONS,
-    head_chunked_divergence,
-    head_chunked_token_logprobs,
-    sampled_token_advantages,
-)
+from distill.losses import REDUCTIONS, RowSource, divergence_rows, sampled_token_advantages
 from rl.grpo_loss import GRPOLossConfig, aggregate, grpo_loss
 
 
@@ -35,23 +29,22 @@ def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 
 
 def distill_objective(
-    student_logits_BTV: torch.Tensor, teacher_hidden_BTH: torch.Tensor, teacher_head, tokens_BT: torch.Tensor,
-    mask_BT: torch.Tensor, cfg: DistillConfig,
+    student_logits_BTV: torch.Tensor, teacher: RowSource, tokens_BT: torch.Tensor, mask_BT: torch.Tensor,
+    cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (to minimise, gradients to the student only) and detached metrics. `kl` is always the masked
-    mean of the configured full-vocabulary divergence (reverse KL for the sampled estimator)."""
+    """Loss (to minimise, gradients to the student only) and detached metrics; `teacher` gives the teacher's
+    log-prob chunks of the flattened response positions (distill.losses.RowSource), read once. `kl` is
+    always the masked mean of the configured full-vocabulary divergence (reverse KL for the sampled
+    estimator)."""
     lcfg = cfg.loss_config()
     mask = mask_BT.to(torch.float32)
     if cfg.kind != SAMPLED:
-        per_pos = head_chunked_divergence(student_logits_BTV, teacher_hidden_BTH, teacher_head, lcfg)
+        per_pos, _ = divergence_rows(student_logits_BTV, teacher, lcfg)
         loss = aggregate(per_pos, mask, REDUCTIONS[cfg.reduction])
         return loss, {"kl": _masked_mean(per_pos.detach(), mask)}
-    with torch.no_grad():
-        kl = head_chunked_divergence(student_logits_BTV.detach(), teacher_hidden_BTH, teacher_head, lcfg)
-    logp_s = F.log_softmax(student_logits_BTV.float() / cfg.temperature, -1)
-    logp_s = logp_s.gather(-1, tokens_BT[..., None]).squeeze(-1)
-    logp_t = head_chunked_token_logprobs(teacher_hidden_BTH, teacher_head, tokens_BT, cfg.chunk_rows,
-                                         cfg.temperature)
+    kl, logp_t = divergence_rows(student_logits_BTV.detach(), teacher, lcfg, tokens_BT)
+    scaled = student_logits_BTV.float() / cfg.temperature
+    logp_s = scaled.gather(-1, tokens_BT[..., None]).squeeze(-1) - torch.logsumexp(scaled, -1)
     adv = sampled_token_advantages(logp_s, logp_t, mask)
     pg = GRPOLossConfig(loss_agg=REDUCTIONS[cfg.reduction])
     loss, _ = grpo_loss(logp_s, logp_s.detach(), adv, mask, pg)  # on-policy: ratio 1, gradient -adv * dlogp

@@ -6,7 +6,8 @@ domain scores every position of the student's tokens; the loss is sum_d w_d * D(
 the full vocabulary (`distill.kind`), the teachers frozen. The student is `student` (else `init`, a
 pipeline's hand-off); its model config and tokenizer come from that checkpoint. Held-out greedy scores of
 the student (every `trainer.eval_every` steps) and of every teacher on every domain go to metrics.jsonl,
-summary.json and report.md.
+summary.json and report.md. Under torchrun, `distill.teacher_ranks` puts the teachers on their own ranks
+(distill.remote) and the one remaining rank trains the student.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import DistillConfig
-from distill.evaluate import teacher_scores
+from distill.evaluate import local_teacher_scores, teacher_scores
+from distill.prompts import domain_tasks
+from distill.remote import TIMEOUT_S, Placement, TeacherRanks, placement, serve, stop_teachers
 from distill.report import PLOT_FILE, domain_metrics, headline, kl_curve, write_report
 from distill.teacher import Teacher, model_config_of
 from distill.trainer import DistillTrainer
@@ -30,6 +36,7 @@ from model.errors import ConfigError
 from train.checkpoint import MANIFEST
 from train.config import validate
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
+from train.parallel.env import detect_env, init_distributed
 from train.precision import resolve_device, resolve_precision
 from train.sft import section
 
@@ -67,8 +74,8 @@ def student_config(cfg: DictConfig, student: Path) -> DictConfig:
     return cfg
 
 
-def check_teachers(teachers: dict[str, Teacher], student_hash: str | None, vocab: int, dcfg: DistillConfig):
-    """Teachers must share the student's vocabulary and tokenizer; weights may only name teachers."""
+def check_teachers(teachers: dict[str, Teacher], student_hash: str | None, vocab: int) -> None:
+    """Teachers must share the student's vocabulary and tokenizer."""
     for name, t in teachers.items():
         if t.vocab_size != vocab:
             raise ConfigError(f"teachers.{name}", f"vocab_size {t.vocab_size} differs from the student's "
@@ -76,44 +83,119 @@ def check_teachers(teachers: dict[str, Teacher], student_hash: str | None, vocab
         if None not in (t.tokenizer_hash, student_hash) and t.tokenizer_hash != student_hash:
             raise ConfigError(f"teachers.{name}", f"{t.path} was trained with another tokenizer than the "
                                                   "student's")
-    for name in dcfg.weights:
-        if name not in teachers:
-            raise ConfigError(f"distill.weights.{name}", f"no teacher for domain {name!r} "
-                                                         f"(teachers: {', '.join(teachers)})")
 
 
-def build(cfg: DictConfig, run_dir: Path) -> DistillTrainer:
-    """Validate the config, load the frozen teachers and build the trainer (student not loaded yet:
-    `start()` resumes the run or loads the student)."""
-    from data.tokenizer import load_tokenizer, tokenizer_hash
+@dataclass
+class Inputs:
+    """The validated run: config (model = the student's), distill section, checkpoints, tokenizer."""
+
+    cfg: DictConfig
+    dcfg: DistillConfig
+    student: Path
+    teachers: dict[str, Path]
+    tokenizer: Any
+
+    def load_teachers(self, domains: list[str], device: torch.device) -> dict[str, Teacher]:
+        """The frozen teachers of `domains` on `device`, checked against the student."""
+        from data.tokenizer import tokenizer_hash
+
+        precision = resolve_precision(self.cfg.precision.name, device)
+        teachers = {d: Teacher(d, self.teachers[d], device, precision) for d in domains}
+        check_teachers(teachers, tokenizer_hash(self.tokenizer), int(self.cfg.model.vocab_size))
+        return teachers
+
+
+def prepare(cfg: DictConfig) -> Inputs:
+    """Validate the config and resolve the student, the teachers and the tokenizer."""
+    from data.tokenizer import load_tokenizer
 
     cfg = validate(cfg)
     dcfg = section(cfg, "distill", DistillConfig)
     student, teacher_paths = resolve_inputs(cfg)
+    for name in dcfg.weights:
+        if name not in teacher_paths:
+            raise ConfigError(f"distill.weights.{name}", f"no teacher for domain {name!r} "
+                                                         f"(teachers: {', '.join(teacher_paths)})")
     cfg = student_config(cfg, student)
     if not (student / "tokenizer.json").is_file():
         raise ConfigError("student", f"checkpoint {student} has no tokenizer.json")
-    tok = load_tokenizer(student)
+    return Inputs(cfg, dcfg, student, teacher_paths, load_tokenizer(student))
+
+
+def teacher_device(inp: Inputs) -> torch.device:
+    """`distill.teacher_device` (same: the student's device); a bare `cuda` is this process's GPU."""
+    name = inp.dcfg.teacher_device
+    device = resolve_device(inp.cfg.trainer.device if name == "same" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def build(cfg: DictConfig, run_dir: Path, plan: Placement | None = None) -> DistillTrainer:
+    """Validate the config, load the frozen teachers (or, with a `plan`, reach them on their ranks) and
+    build the trainer (student not loaded yet: `start()` resumes the run or loads the student)."""
+    inp = prepare(cfg)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.trainer.device)
-    t_device = device if dcfg.teacher_device == "same" else resolve_device(dcfg.teacher_device)
-    precision = resolve_precision(cfg.precision.name, t_device)
-    teachers = {n: Teacher(n, p, t_device, precision) for n, p in teacher_paths.items()}
-    check_teachers(teachers, tokenizer_hash(tok), int(cfg.model.vocab_size), dcfg)
-    return DistillTrainer(cfg, Path(run_dir), dcfg, teachers, tok)
+    link = TeacherRanks(plan, inp.teachers, int(inp.cfg.model.vocab_size)) if plan else None
+    teachers = link.teachers if link else inp.load_teachers(sorted(inp.teachers), teacher_device(inp))
+    return DistillTrainer(inp.cfg, Path(run_dir), inp.dcfg, teachers, inp.tokenizer, link)
+
+
+def start_ranks(cfg: DictConfig) -> tuple[Placement | None, bool]:
+    """The rank layout of `distill.teacher_ranks` (None: one process, teachers local) and whether this
+    call started the process group."""
+    teacher_ranks = section(validate(cfg), "distill", DistillConfig).teacher_ranks
+    denv = detect_env()
+    if denv.world == 1 and not teacher_ranks:
+        return None, False
+    started = not dist.is_initialized() and denv.world > 1
+    if started:
+        init_distributed(resolve_device(cfg.trainer.device).type, timeout_s=TIMEOUT_S)
+    domains = sorted(str(k) for k, v in (cfg.get("teachers") or {}).items() if v is not None)
+    return placement(teacher_ranks, domains, denv.rank, denv.world), started
+
+
+def serve_teachers(cfg: DictConfig, plan: Placement) -> dict:
+    """A teacher rank: load this rank's teachers, answer the student rank until it stops."""
+    inp = prepare(cfg)
+    teachers = inp.load_teachers(plan.domains_of(plan.rank), teacher_device(inp))
+    val = {d: domain_tasks(inp.dcfg, d, "val") for d in inp.teachers}
+    log.info("teacher rank %d: %s for the student on rank %d", plan.rank, ", ".join(teachers), plan.student)
+    served = serve(plan, teachers, inp.dcfg.loss_config(),
+                   lambda: local_teacher_scores(teachers, inp.tokenizer, val, inp.dcfg))
+    return {"stage": "distill", "role": "teacher", "rank": plan.rank, "checkpoint": None,
+            "teachers": {d: str(inp.teachers[d]) for d in teachers}, "metrics": {"requests": served}}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Distil `teachers.*` into `student` for `trainer.max_steps` steps (resuming per `resume`); write
-    checkpoints, metrics.jsonl, teacher_scores.json, report.md, kl_curve.png and summary.json."""
+    checkpoints, metrics.jsonl, teacher_scores.json, report.md, kl_curve.png and summary.json. Under
+    torchrun with `distill.teacher_ranks`, those ranks host the teachers and the other one trains."""
+    plan, started = start_ranks(cfg)
+    try:
+        if plan is not None and not plan.is_student:
+            return serve_teachers(cfg, plan)
+        try:
+            return train_student(cfg, Path(run_dir), plan)
+        finally:
+            if plan is not None:
+                stop_teachers(plan)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def train_student(cfg: DictConfig, run_dir: Path, plan: Placement | None) -> dict:
+    """The student's side of `run`."""
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    trainer = build(cfg, run_dir)
+    trainer = build(cfg, run_dir, plan)
     cfg, dcfg, teachers, tok = trainer.cfg, trainer.dcfg, trainer.teachers, trainer.tokenizer
     teacher_paths = {n: t.path for n, t in teachers.items()}
     student = Path(str(cfg.init))
     trainer.start()
-    matrix = teacher_scores(teachers, tok, trainer.val, dcfg, run_dir)
+    compute = trainer.link.scores if trainer.link else (
+        lambda: local_teacher_scores(teachers, tok, trainer.val, dcfg))
+    matrix = teacher_scores(teacher_paths, trainer.val, dcfg, run_dir, compute)
     metrics = MetricsLogger(run_dir, cfg.logger, total_steps=trainer.t.max_steps, start_step=trainer.step,
                             config=OmegaConf.to_container(cfg, resolve=True),
                             console_every=trainer.t.log_every)
@@ -125,7 +207,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.save()
     records = read_jsonl(run_dir / METRICS_FILE)
     domains = domain_metrics(records, {n: str(p) for n, p in teacher_paths.items()},
-                             {n: dcfg.weight(n) for n in teachers}, matrix)
+                             {n: dcfg.weight(n) for n in teachers}, matrix,
+                             {d: len(tasks) for d, tasks in trainer.val.items()})
     report = write_report(run_dir, domains, trainer.step, dcfg.kind)
     plot = kl_curve(records, sorted(teachers), run_dir / PLOT_FILE)
     losses = [r["loss"] for r in records if r.get("loss") is not None]

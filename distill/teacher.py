@@ -1,9 +1,11 @@
 """Frozen teachers: a domain expert's checkpoint as a model in eval mode that never takes a gradient.
 
 `hidden(ids)` runs the teacher up to its final hidden states (the head is bypassed for that pass), and
-`head(hidden_NH)` turns a chunk of them into logits, so a distillation step never holds the teacher's
-full [B, S, V] logits (DeepSeek-V4 caches only the teachers' last hidden states). The teacher may live on
-another device than the student (`distill.teacher_device`); results come back on the caller's device.
+`head(hidden_NH, v0, v1)` turns a block of them into the logits of vocabulary entries v0:v1, so a
+distillation step never holds the teacher's full [B, S, V] logits, only [chunk_rows, chunk_vocab] blocks
+(DeepSeek-V4 caches only the teachers' last hidden states). `source(ids, positions, cfg)` is what the loss
+reads: the teacher's log-prob chunks at the response positions. The teacher may live on another device
+than the student (`distill.teacher_device`) or on another rank (distill.remote).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.losses import DistillLossConfig, RowSource, head_source
+from distill.objective import gather_positions
 from model import ModelConfig, Transformer
 from model.errors import ConfigError, MoeforgeError
 from train import checkpoint
@@ -62,15 +66,23 @@ class Teacher:
         return self.model.config.vocab_size
 
     @torch.no_grad()
-    def hidden(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, S, H] (after the last norm, before the head), on `ids_BS`'s device."""
+    def hidden(self, ids_BS: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Final hidden states [B, S, H] (after the last norm, before the head), on `device` (default
+        `ids_BS`'s)."""
         self.model.eval()
         with _without_head(self.model), autocast(self.precision, self.device):
             out = self.model(ids_BS.to(self.device), with_mtp=False)
-        return out.logits.float().to(ids_BS.device)
+        return out.logits.float().to(ids_BS.device if device is None else device)
 
     @torch.no_grad()
-    def head(self, hidden_NH: torch.Tensor) -> torch.Tensor:
-        """Logits [N, V] of a chunk of final hidden states (float32, on the teacher's device)."""
-        w = self.model.head.weight
+    def head(self, hidden_NH: torch.Tensor, v0: int = 0, v1: int | None = None) -> torch.Tensor:
+        """Logits [N, v1 - v0] of vocabulary entries v0:v1 (default all) of a block of final hidden states
+        (float32, on the teacher's device)."""
+        w = self.model.head.weight[v0:v1]
         return F.linear(hidden_NH.to(self.device, w.dtype), w).float()
+
+    def source(self, ids_BS: torch.Tensor, pos_BT: torch.Tensor, cfg: DistillLossConfig) -> RowSource:
+        """The teacher's log-prob chunks (on its device) at positions `pos_BT` of `ids_BS`, flattened
+        row-major: hidden states of the whole batch, logits one [chunk_rows, chunk_vocab] block at a time."""
+        h = gather_positions(self.hidden(ids_BS, self.device), pos_BT.to(self.device))
+        return head_source(h.reshape(-1, h.shape[-1]), self.head, self.vocab_size, cfg)

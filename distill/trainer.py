@@ -16,7 +16,9 @@ from distill.config import DistillConfig
 from distill.evaluate import check_cache_support, domain_scores
 from distill.objective import distill_objective, gather_positions, response_positions
 from distill.prompts import PromptSampler, domain_tasks
+from distill.remote import TeacherRanks
 from distill.teacher import Teacher
+from optim import RoutingBiasUpdater
 from rl.rollout import Rollout, SamplingConfig, generate, task_prompt
 from train.guard import Verdict
 from train.loop import Trainer
@@ -34,9 +36,12 @@ class DistillTrainer(Trainer):
     """The shared trainer (model, optimizer, schedule, guard, checkpoints, resume), distillation steps."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, dcfg: DistillConfig, teachers: dict[str, Teacher],
-                 tokenizer):
-        self.dcfg, self.teachers, self.tokenizer = dcfg, teachers, tokenizer
+                 tokenizer, link: TeacherRanks | None = None):
+        """`teachers`: domain -> `Teacher`, or `RemoteTeacher` with `link`, the teacher ranks' link."""
+        self.dcfg, self.teachers, self.tokenizer, self.link = dcfg, teachers, tokenizer, link
         super().__init__(cfg, run_dir, DistillTrainer._build_data)
+        # the student runs without its MTP block here, so a step's expert loads cover the main layers only
+        self.bias_updater = RoutingBiasUpdater(self.model.layers, self.bias_updater.speed)
         check_cache_support(self.model, dcfg)
         self.val = {d: domain_tasks(dcfg, d, "val") for d in teachers}
 
@@ -60,11 +65,11 @@ class DistillTrainer(Trainer):
         ids, plen = sub.sequences()
         inp = ids[:, :-1]
         pos = response_positions(plen, sub.tokens.shape[1], inp.shape[1])
+        source = teacher.source(inp, pos, self.dcfg.loss_config())  # a teacher rank starts on it now
         with autocast(self.precision, self.device):
             out = self.model(inp, with_mtp=False)
         s_logits = gather_positions(out.logits, pos)
-        t_hidden = gather_positions(teacher.hidden(inp), pos)
-        loss, m = distill_objective(s_logits, t_hidden, teacher.head, sub.tokens, sub.mask, self.dcfg)
+        loss, m = distill_objective(s_logits, source, sub.tokens, sub.mask, self.dcfg)
         total = share * loss
         for aux in (out.balance_loss, out.indexer_loss):
             if aux is not None:

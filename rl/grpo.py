@@ -3,11 +3,13 @@
 Each step samples `grpo.prompts_per_step` training tasks (a function of `trainer.seed` and the step, so a
 resumed run sees the same prompts), draws `grpo.group_size` responses per prompt with the rollout engine
 (seeded per step), scores them with the domain's verifier, forms group advantages, drops groups whose
-rewards are all equal (dynamic sampling), and takes `grpo.epochs` optimizer steps on the clipped-ratio
-loss (rl.grpo_loss) with ratios against the rollout log-probs; β > 0 adds the k3 KL to the frozen init
-model. Router replay makes the training passes reuse the rollout's expert choices. Routing biases are not
-updated and no balance loss is added during RL. Held-out greedy accuracy is measured before the first step
-and after the last (and every `trainer.eval_every` steps).
+rewards are all equal and refills the batch with new prompts (dynamic sampling, rl.dynamic_sampling;
+`sampling_rounds`, `groups_dropped`, `groups_refilled` in metrics.jsonl), and takes `grpo.epochs`
+optimizer steps on the clipped-ratio loss (rl.grpo_loss) with ratios against the rollout log-probs; β > 0
+adds the k3 KL to the frozen init model. Router replay makes the training passes reuse the rollout's
+expert choices. Routing biases are not updated and no balance loss is added during RL. Held-out accuracy
+(greedy, or with `grpo.eval_temperature` > 0 the mean over `grpo.eval_samples` seeded samples per task)
+is measured before the first step and after the last (and every `trainer.eval_every` steps).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from model import ModelConfig, Transformer
 from model.errors import ConfigError
 from optim import OptimConfig, build_optimizer, build_schedule
 from rl.config import GRPOConfig
-from rl.grpo_loss import dynamic_sampling_keep, group_advantages, grpo_loss
+from rl.dynamic_sampling import GroupCollector
+from rl.grpo_loss import grpo_loss
 from rl.rewards import score_batch
 from rl.rollout import Rollout, SamplingConfig, evaluate_tasks, generate, task_prompt, token_logprobs
 from train import checkpoint, rng
@@ -40,9 +43,13 @@ log = logging.getLogger(__name__)
 PLOT_FILE = "reward_curve.png"
 
 
-def step_prompts(tasks: list[dict], n: int, seed: int, step: int) -> list[dict]:
-    """The `n` distinct training tasks of `step` (deterministic for seed and step)."""
-    return random.Random(f"grpo|{seed}|{step}").sample(tasks, min(n, len(tasks)))
+def step_prompts(tasks: list[dict], n: int, seed: int, step: int, round_: int = 0,
+                 exclude: set[str] = frozenset()) -> list[dict]:
+    """The `n` distinct training tasks of `step`'s sampling round `round_` (0, then refill rounds), none
+    with an id in `exclude`; deterministic for seed, step and round."""
+    key = f"grpo|{seed}|{step}" + (f"|{round_}" if round_ else "")
+    pool = [t for t in tasks if t["id"] not in exclude] if exclude else tasks
+    return random.Random(key).sample(pool, min(n, len(pool)))
 
 
 def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -121,23 +128,65 @@ class GRPORun:
             keep=self.cfg.checkpoint.keep, extra_files={"tokenizer.json": self.tok.to_str()})
         return self.last_checkpoint
 
-    def evaluate(self) -> dict:
+    def evaluate(self, seed: int | None = None) -> dict:
+        """Held-out accuracy (greedy, or mean over `grpo.eval_samples` sampled responses drawn with `seed`,
+        default `trainer.seed`)."""
         with autocast(self.precision, self.device):
             return evaluate_tasks(self.model, self.tok, self.val_tasks, max_new_tokens=self.g.max_new_tokens,
                                   batch_size=self.g.eval_batch, system=self.domain.system,
-                                  use_cache=self.g.use_cache)
+                                  use_cache=self.g.use_cache, temperature=self.g.eval_temperature,
+                                  samples=self.g.eval_samples, seed=self.t.seed if seed is None else seed)
 
     # ------------------------------------------------------------------ one step
-    def rollout(self, tasks: list[dict]) -> tuple[Rollout, list[dict]]:
+    def rollout(self, tasks: list[dict], gen: torch.Generator | None = None) -> tuple[Rollout, list[dict]]:
+        """`group_size` responses to each task (groups contiguous) and their scores; `gen` defaults to the
+        step's generator."""
         g = self.g
         prompts = [task_prompt(t, self.tok, self.domain.system) for t in tasks for _ in range(g.group_size)]
         sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                   use_cache=g.use_cache, record_routing=g.router_replay)
-        gen = torch.Generator(self.device).manual_seed(self.t.seed * 1_000_003 + self.step)
+        gen = gen or self.step_generator()
         with autocast(self.precision, self.device):
             roll = generate(self.model, prompts, sampling, gen)
         scores = score_batch([t for t in tasks for _ in range(g.group_size)], roll.texts(self.tok))
         return roll, scores
+
+    def step_generator(self) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.t.seed * 1_000_003 + self.step)
+
+    def rewards(self, scores: list[dict]) -> torch.Tensor:
+        fmt = torch.tensor([s["format_ok"] for s in scores], dtype=torch.float32)
+        return torch.tensor([s["reward"] for s in scores], dtype=torch.float32) + self.g.format_reward * fmt
+
+    def collect(self) -> tuple[GroupCollector, dict]:
+        """Roll out the step's prompts, then (dynamic sampling) refill rounds of new prompts until the batch
+        has `grpo.prompts_per_step` informative groups or `grpo.max_refill_rounds` extra rounds are done.
+        Returns the collector and the first round's metrics (the policy's reward on fresh prompts)."""
+        g = self.g
+        collector = GroupCollector(g.prompts_per_step, g.group_size, drop_equal=g.dynamic_sampling,
+                                   scale_by_std=g.scale_by_std)
+        gen, used, first = self.step_generator(), set(), {}
+        for round_ in range(1 + (g.max_refill_rounds if g.dynamic_sampling else 0)):
+            n = collector.next_round_size()
+            tasks = step_prompts(self.train_tasks, n, self.t.seed, self.step, round_, used)
+            if not tasks:
+                break
+            used.update(t["id"] for t in tasks)
+            roll, scores = self.rollout(tasks, gen)
+            rewards = self.rewards(scores)
+            if round_ == 0:
+                first = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                         "accuracy": sum(s["correct"] for s in scores) / len(scores),
+                         "format_rate": sum(s["format_ok"] for s in scores) / len(scores),
+                         "response_len": roll.lengths.float().mean().item(),
+                         "truncated": (~roll.stopped).float().mean().item()}
+            collector.add(roll, rewards)
+            if collector.full:
+                break
+        if not collector.full and g.dynamic_sampling:
+            log.info("step %d: %d of %d informative groups after %d rounds", self.step + 1, collector.groups,
+                     g.prompts_per_step, collector.rounds)
+        return collector, first
 
     def _reference_logp(self, roll: Rollout) -> torch.Tensor | None:
         if self.ref is None:
@@ -181,27 +230,19 @@ class GRPORun:
         return first
 
     def train_step(self) -> dict:
-        g = self.g
+        """One GRPO step: collect groups (rl.dynamic_sampling), then `grpo.epochs` optimizer steps.
+        reward/accuracy/format/length metrics are the first round's; `kept_fraction` is the fraction of all
+        sampled groups that were informative."""
         started = time.perf_counter()
         self.optimizer.set_lr_factor(self.schedule.factor(self.step))
-        tasks = step_prompts(self.train_tasks, g.prompts_per_step, self.t.seed, self.step)
-        roll, scores = self.rollout(tasks)
-        rollout_s = time.perf_counter() - started
-        correct = torch.tensor([s["correct"] for s in scores], dtype=torch.float32)
-        fmt = torch.tensor([s["format_ok"] for s in scores], dtype=torch.float32)
-        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32) + g.format_reward * fmt
-        adv = group_advantages(rewards, g.group_size, scale_by_std=g.scale_by_std).to(self.device)
-        keep = (dynamic_sampling_keep(rewards, g.group_size) if g.dynamic_sampling
-                else torch.ones_like(rewards, dtype=torch.bool))
-        lengths = roll.lengths.float()
-        record = {"step": self.step + 1, "lr": self.schedule.lr_at(self.step),
-                  "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                  "accuracy": correct.mean().item(), "format_rate": fmt.mean().item(),
-                  "response_len": lengths.mean().item(), "truncated": (~roll.stopped).float().mean().item(),
-                  "kept_fraction": keep.float().mean().item(), "rollout_s": rollout_s}
-        if keep.any():
-            rows = keep.nonzero().squeeze(1).to(self.device)
-            record.update(self.optimise(roll.select(rows), adv[rows]))
+        collector, first = self.collect()
+        stats = collector.stats()
+        record = {"step": self.step + 1, "lr": self.schedule.lr_at(self.step), **first, **stats,
+                  "kept_fraction": 1 - stats["groups_dropped"] / stats["groups_sampled"],
+                  "rollout_s": time.perf_counter() - started}
+        roll, adv = collector.batch()
+        if roll is not None:
+            record.update(self.optimise(roll, adv.to(self.device)))
         else:
             log.info("step %d: every group has equal rewards; no update", self.step + 1)
         self.step += 1

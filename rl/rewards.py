@@ -114,19 +114,27 @@ def score(task: dict, response: str, limits: SandboxLimits | None = None) -> dic
 def score_batch(
     tasks: list[dict], responses: list[str], limits: SandboxLimits | None = None, max_workers: int = 4
 ) -> list[dict]:
-    """Score many responses: math in this thread (so math-verify keeps its timeouts), code in parallel."""
+    """Score many responses: math in this thread (so math-verify keeps its timeouts), code in parallel.
+
+    Identical responses to the same task (same domain, answer and tests) are scored once: a group of G
+    samples often repeats itself, and every code candidate costs a sandboxed process."""
     if len(tasks) != len(responses):
         raise MoeforgeError(f"score_batch: {len(tasks)} tasks but {len(responses)} responses")
-    results: list[dict | None] = [None] * len(tasks)
-    code_jobs = []
+    first: dict[tuple, int] = {}
     for i, (task, resp) in enumerate(zip(tasks, responses)):
-        if task.get("domain") == "code":
+        first.setdefault((task.get("domain"), task.get("answer"), task.get("tests"), resp), i)
+    unique = sorted(first.values())
+    scored: dict[int, dict] = {}
+    code_jobs = []
+    for i in unique:
+        if tasks[i].get("domain") == "code":
             code_jobs.append(i)
         else:
-            results[i] = score(task, resp, limits)
+            scored[i] = score(tasks[i], responses[i], limits)
     if code_jobs:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(code_jobs)))) as pool:
             futures = {i: pool.submit(score_code, tasks[i], responses[i], limits) for i in code_jobs}
             for i, fut in futures.items():
-                results[i] = fut.result()
-    return results
+                scored[i] = fut.result()
+    return [dict(scored[first[(t.get("domain"), t.get("answer"), t.get("tests"), r)]])
+            for t, r in zip(tasks, responses)]

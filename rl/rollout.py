@@ -79,6 +79,35 @@ class Rollout:
         return sub
 
 
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One rollout of the rows of `parts` in order (responses and routing right padded to the widest)."""
+    if not parts:
+        raise MoeforgeError("concat_rollouts: no rollouts")
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.temperature for p in parts}) > 1 or len({p.routing is None for p in parts}) > 1:
+        raise MoeforgeError("concat_rollouts: the rollouts differ in temperature or in routing records")
+    t = max(p.tokens.shape[1] for p in parts)
+
+    def widen(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+        pad = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), fill)
+        return torch.cat([x, pad], 1)
+
+    out = Rollout([q for p in parts for q in p.prompts], torch.cat([widen(p.tokens, t, PAD) for p in parts]),
+                  torch.cat([widen(p.logp, t, 0.0) for p in parts]),
+                  torch.cat([widen(p.mask, t, 0.0) for p in parts]), torch.cat([p.stopped for p in parts]),
+                  None, parts[0].temperature)
+    if parts[0].routing is not None:
+        width = out.sequences()[0].shape[1] - 1
+        out.routing = []
+        for layer in zip(*(p.routing for p in parts)):
+            k = layer[0].shape[-1]
+            filler = torch.arange(k, device=layer[0].device)  # any valid expert ids: padding takes no loss
+            rows = [torch.cat([r, filler.expand(r.shape[0], width - r.shape[1], k)], 1) for r in layer]
+            out.routing.append(torch.cat(rows))
+    return out
+
+
 def join_sequences(prompts: list[list[int]], tokens_BT: torch.Tensor, lengths_B: torch.Tensor):
     """Right-padded prompt + response rows [B, S] and the prompt lengths [B]."""
     plen = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -271,16 +300,24 @@ def token_logprobs(model, rollout: Rollout, *, replay: bool = False, entropy: bo
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_tasks(model, tok, tasks: list[dict], *, max_new_tokens: int, batch_size: int = 64,
-                   system: str | None = None, use_cache: bool = True) -> dict:
-    """Greedy held-out evaluation: accuracy and format rate over `tasks` (rewards of rl.rewards)."""
+                   system: str | None = None, use_cache: bool = True, temperature: float = 0.0,
+                   samples: int = 1, seed: int = 0) -> dict:
+    """Held-out evaluation: accuracy and format rate over `tasks` (rewards of rl.rewards).
+
+    `temperature` 0 decodes greedily (one response per task); above 0 it draws `samples` responses per
+    task from a generator seeded with `seed` and averages over all of them (mean@samples)."""
     from rl.rewards import score_batch
 
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, use_cache=use_cache)
+    if samples < 1 or (temperature == 0 and samples != 1):
+        raise ConfigError("grpo.eval_samples", f"must be >= 1 (1 when greedy), got {samples}")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, use_cache=use_cache)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed) if temperature else None
+    rows = [t for t in tasks for _ in range(samples)]
     results = []
-    for i in range(0, len(tasks), batch_size):
-        chunk = tasks[i : i + batch_size]
-        roll = generate(model, [task_prompt(t, tok, system) for t in chunk], cfg)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        roll = generate(model, [task_prompt(t, tok, system) for t in chunk], cfg, generator)
         results += score_batch(chunk, roll.texts(tok))
     n = max(len(results), 1)
     return {"accuracy": sum(r["correct"] for r in results) / n,
-            "format_rate": sum(r["format_ok"] for r in results) / n, "n": len(results)}
+            "format_rate": sum(r["format_ok"] for r in results) / n, "n": len(tasks)}

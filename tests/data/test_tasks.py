@@ -90,3 +90,35 @@ def test_dataset_domain(tmp_path):
 def test_default_domain_sizes_are_available(domain):
     """configs/domain/*.yaml ask for 2000 training and 128 held-out tasks."""
     assert len(load_tasks(domain, "train", 2000)) == 2000 and len(load_tasks(domain, "val", 128)) == 128
+
+
+def digit_sum(x: int) -> int:
+    return sum(map(int, str(x)))
+
+
+def column_carry_reference(a: int, op: str, b: int) -> bool:
+    """Each carry lowers the answer's digit sum by 9 and each borrow raises it by 9, so a column carries or
+    borrows exactly when the digit sums do not combine like the numbers (ds(a)*ds(b) for long *)."""
+    combine = {"+": operator.add, "-": operator.sub, "*": operator.mul}[op]
+    return digit_sum(combine(a, b)) != combine(digit_sum(a), digit_sum(b))
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_carry_free_math_has_no_column_carry(difficulty):
+    from data.tasks.math import carries
+
+    assert carries(57, "+", 38) and not carries(52, "+", 37)
+    assert carries(52, "-", 37) and not carries(57, "-", 32)
+    assert carries(34, "*", 3) and not carries(32, "*", 3)
+    assert carries(21, "*", 15) and not carries(21, "*", 14)
+    for a in range(0, 130, 7):
+        for b in range(0, 70, 3):
+            for op in "+*" + ("-" if a >= b else ""):
+                assert carries(a, op, b) == column_carry_reference(a, op, b), (a, op, b)
+    tasks = load_tasks("math", "train", 200, seed=0, difficulty=difficulty, carries=False)
+    assert tasks[:3] != load_tasks("math", "train", 3, seed=0, difficulty=difficulty)
+    for r in tasks:
+        a, op, b, c = re.match(r"(\d+) ([-+*]) (\d+) = (\d+)\.", r["solution"]).groups()
+        assert OPS[op](int(a), int(b)) == int(c) and not column_carry_reference(int(a), op, int(b))
+    with pytest.raises(MoeforgeError, match="domain.carries"):
+        load_tasks("math", "train", 5, carries="no")

@@ -92,6 +92,25 @@ def test_score_batch_mixes_domains_in_order():
     assert [o["reward"] for o in out] == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_score_batch_scores_repeats_once_and_equals_one_by_one(monkeypatch):
+    import rl.rewards
+
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return 0\n```"
+    other = dict(CODE, id="c2", tests="assert add(2, 2) == 0\n")  # same response, other tests: scored apart
+    tasks = [CODE, CODE, MATH, CODE, MATH, other, CODE]
+    responses = [good, bad, r"\boxed{42}", good, r"\boxed{42}", bad, bad]
+    runs = []
+    real = rl.rewards.run_python
+    monkeypatch.setattr(rl.rewards, "run_python", lambda code, lim=None: runs.append(code) or real(code, lim))
+    out = score_batch(tasks, responses, LIMITS)
+    assert len(runs) == 3  # good and bad for CODE, bad for `other`
+    assert out == [score(t, r, LIMITS) for t, r in zip(tasks, responses)]
+    assert [o["correct"] for o in out] == [True, False, True, True, True, True, False]
+    out[0]["reward"] = -1.0
+    assert out[3]["reward"] == 1.0  # every row has its own dict
+
+
 def test_unknown_domain_and_bad_gold_are_user_errors():
     with pytest.raises(MoeforgeError, match="domain"):
         score(dict(MATH, domain="chess"), "x")

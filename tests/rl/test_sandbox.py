@@ -3,6 +3,7 @@
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -189,10 +190,12 @@ def test_unprivileged_caller_path():
     where = tempfile.mkdtemp(prefix="moeforge-sbx-unpriv-")
     try:
         os.chmod(where, 0o755)
-        shutil.copy(rl.sandbox.__file__, os.path.join(where, "sandbox.py"))
+        modules = sorted(Path(rl.sandbox.__file__).parent.glob("sandbox*.py"))  # trainer side + launcher
+        for src in modules:
+            shutil.copy(src, where)
         with open(os.path.join(where, "check.py"), "w") as f:
             f.write(UNPRIVILEGED_SCRIPT.replace("ESCAPE", repr(REMOUNT_ESCAPE)))
-        for name in ("sandbox.py", "check.py"):
+        for name in [m.name for m in modules] + ["check.py"]:
             os.chmod(os.path.join(where, name), 0o644)
         cmd = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
                os.path.join(where, "check.py"), where]
