@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--models", nargs="+", default=None, help="only these models (default: all)")
-    p.add_argument("--impls", nargs="+", default=None, help="only these implementations, e.g. ours-csa sdpa-128")
+    p.add_argument("--impls", nargs="+", default=None, help="only these implementations (ours-csa ...)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attention.json")
     args = p.parse_args()
     deadline = time.monotonic() + args.budget_s

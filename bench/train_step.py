@@ -245,7 +245,8 @@ def build_peer(args, row: Row, device: torch.device, run_dir: Path) -> Built:
         opt.zero_grad(set_to_none=True)
 
     details = {"attn": f"hf-{model.config._attn_implementation}",
-               "experts": f"hf-{model.config._experts_implementation}", "precision": "bf16 weights, bf16 autocast",
+               "experts": f"hf-{model.config._experts_implementation}",
+               "precision": "bf16 weights, bf16 autocast",
                "mtp_layers": 0, "transformers": transformers.__version__}
     return Built(loader, step, reset, details, cfg)
 
