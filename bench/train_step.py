@@ -160,6 +160,7 @@ class Built:
     details: dict
     cfg: object  # the ModelConfig the FLOP model counts
     build_s: float = 0.0
+    model: object = None  # the nn.Module trained (bench/profile_step.py labels its parts)
 
 
 def model_name(args, row: Row) -> str:
@@ -195,7 +196,7 @@ def build_ours(args, row: Row, attn: str, run_dir: Path) -> Built:
     details = {"attn": trainer.model_cfg.attn_impl, "experts": experts_path(trainer.model, trainer.device),
                "precision": trainer.precision, "mtp_layers": trainer.model_cfg.num_nextn_predict_layers,
                "activation_checkpointing": impl["ac"], "overrides": overrides}
-    return Built(loader, step, reset, details, trainer.model_cfg)
+    return Built(loader, step, reset, details, trainer.model_cfg, model=trainer.model)
 
 
 def experts_path(model, device: torch.device) -> str:

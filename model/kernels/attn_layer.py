@@ -39,8 +39,19 @@ def _kl_chunk(attn, lo, hi, q, kv, comp, idx, pos, first, nvis, mode, iq, iw, ik
     return indexer_kl(win, entry, attn.attn_sink, scores, set_ok)
 
 
+def kernel_dtype(q_BSHC: torch.Tensor) -> torch.dtype:
+    """The one dtype the attention kernel takes: autocast's where it is on (the products the reference's
+    einsums run in), else the queries'. Under autocast the keys can arrive in fp32 (a norm or the
+    compressor's pooling) while the queries come from a bf16 projection."""
+    device = q_BSHC.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q_BSHC.dtype
+
+
 def triton_layer(attn, q_BSHC, kv_BSC, comp_BTC, entries, index, pos_BS, mode: str, chunk_tokens: int):
     """One layer's attention on the kernels: (output [B, S, H, C], indexer KL or None)."""
+    dtype = kernel_dtype(q_BSHC)
+    q_BSHC, kv_BSC = q_BSHC.to(dtype), kv_BSC.to(dtype)
+    comp_BTC = comp_BTC.to(dtype) if comp_BTC is not None else None
     idx = first = nvis = None
     if comp_BTC is not None:
         first, nvis = entries.first_BS, entries.nvis_BS

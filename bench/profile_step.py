@@ -1,0 +1,179 @@
+"""Where a moeforge training step spends its time (issue 8): `torch.profiler` over a few steps of
+`train.loop.Trainer.train_step` (the implementation `bench/train_step.py` times), split by model part.
+
+    python bench/profile_step.py --out bench/results/profile_step.json                 # v4-small 2x4096, one GPU
+    python bench/profile_step.py --device cpu --tiny --out /tmp/profile.json           # smoke test (CPU)
+
+The forward of every attention, compressor, indexer, MoE (router, routed and shared experts), mHC, norm and
+the whole model runs inside a `record_function` range named after the part (nested; backward is not split);
+the output lists each part's forward device time per step, then the top operators by self device time over the profiled steps, the device-busy
+share of the wall time (the sum of kernel times over the wall time: low means launch or host bound) and the
+number of host synchronisations (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, device-to-host copies).
+JSON (`--out`) holds all of it; `--trace` also writes the Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from bench.common import table, write_json  # noqa: E402
+from bench.train_step import OURS, Row, build_ours, make_batches, sync  # noqa: E402
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+PARTS = {  # module class name -> its range (ranges nest: attention's time includes its compressor's and indexer's)
+    "Transformer": "model", "Attention": "attention", "Compressor": "compressor", "Indexer": "indexer",
+    "MoE": "moe", "Gate": "router", "Experts": "routed experts", "SharedExpert": "shared expert",
+    "HyperConnection": "mhc", "HyperHead": "mhc head", "RMSNorm": "norm", "MTPBlock": "mtp",
+}
+METHODS = {"Indexer": ("queries", "keys", "score")}  # modules the attention calls through methods, not forward
+
+
+def in_range(fn, part: str):
+    def wrapped(*args, **kwargs):
+        with record_function(f"part:{part}"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def label_parts(model: torch.nn.Module) -> list:
+    """Wrap the forward (or the `METHODS`) of every module of a `PARTS` class in a
+    `record_function("part:<name>")` range; returns what `unlabel` undoes."""
+    handles = []
+    for module in model.modules():
+        part = PARTS.get(type(module).__name__)
+        if part is None:
+            continue
+        for name in METHODS.get(type(module).__name__, ()):
+            setattr(module, name, in_range(getattr(module, name), part))
+            handles.append((module, name))
+        if type(module).__name__ in METHODS:
+            continue
+        stack: list = []
+
+        def pre(_m, _inp, part=part, stack=stack):
+            ctx = record_function(f"part:{part}")
+            ctx.__enter__()
+            stack.append(ctx)
+
+        def post(_m, _inp, _out, stack=stack):
+            stack.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def unlabel(handles: list) -> None:
+    for h in handles:
+        if isinstance(h, tuple):
+            delattr(*h)  # the instance attribute that shadowed the method
+        else:
+            h.remove()
+
+
+def device_time(evt) -> float:
+    """Microseconds on the device (names changed across torch versions)."""
+    for attr in ("device_time_total", "cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def self_device_time(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
+    """Parts, top operators, device-busy share and host syncs of `steps` profiled steps."""
+    averages = prof.key_averages()
+    parts, ops, syncs = defaultdict(float), [], defaultdict(int)
+    for evt in averages:
+        if evt.key.startswith("part:"):
+            parts[evt.key[5:]] += device_time(evt) / 1e3 / steps
+            parts[evt.key[5:] + " (cpu)"] += evt.cpu_time_total / 1e3 / steps
+        elif evt.key in SYNC_EVENTS:
+            syncs[evt.key] += evt.count
+        elif evt.key == "aten::_local_scalar_dense":
+            syncs["item() / bool(tensor)"] += evt.count
+    kernels = 0.0
+    for evt in averages:
+        if evt.key.startswith("part:") or evt.key.startswith("ProfilerStep"):
+            continue
+        ops.append({"op": evt.key[:80], "calls": evt.count // steps,
+                    "self_device_ms": self_device_time(evt) / 1e3 / steps,
+                    "self_cpu_ms": evt.self_cpu_time_total / 1e3 / steps})
+        kernels += self_device_time(evt) / 1e3 / steps
+    ops.sort(key=lambda r: (-r["self_device_ms"], -r["self_cpu_ms"]))
+    step_ms = 1e3 * wall_s / steps
+    return {"step_ms": step_ms, "device_busy_ms": kernels, "device_busy_share": kernels / step_ms,
+            "parts_forward_ms": dict(parts), "host_syncs_per_step": {k: v / steps for k, v in syncs.items()},
+            "top_ops": ops[:top]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="v4-tiny, sequence length / 64 (CPU smoke test)")
+    p.add_argument("--model", default="v4-small")
+    p.add_argument("--shape", default="2x4096")
+    p.add_argument("--impl", default="bf16", choices=sorted(OURS))
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "sparse", "triton"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace here")
+    args = p.parse_args(argv)
+    b, s = (int(x) for x in args.shape.split("x"))
+    row = Row(args.model, args.shape, args.impl, b, s // 64 if args.tiny else s)
+    args.models = args.model
+    attn = args.attn_impl if args.attn_impl != "auto" else ("triton" if args.device.startswith("cuda")
+                                                            else "sparse")
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_ours(args, row, attn, Path(tmp))
+        from bench.efficiency import load_model_yaml
+
+        vocab = load_model_yaml("v4-tiny" if args.tiny else args.model).vocab_size
+        built.loader.batches = make_batches(args.warmup + args.steps, row.batch, row.seq, vocab, args.seed)
+        for _ in range(args.warmup):
+            built.step()
+        handles = label_parts(built.model)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with ExitStack() as stack:
+            prof = stack.enter_context(profile(activities=activities))
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                built.step()
+            sync(device)
+            wall = time.perf_counter() - started
+        unlabel(handles)
+        if args.trace:
+            prof.export_chrome_trace(str(args.trace))
+    summary = summarise(prof, wall, args.steps, args.top)
+    summary.update(row=row.record(), attn=attn, details=built.details)
+    write_json(Path(args.out), summary)
+    print(f"step {summary['step_ms']:.1f} ms, device busy {summary['device_busy_ms']:.1f} ms "
+          f"({100 * summary['device_busy_share']:.0f}%), host syncs/step {summary['host_syncs_per_step']}")
+    print("forward time per part (ms/step):", {k: round(v, 2) for k, v in summary["parts_forward_ms"].items()})
+    print(table(summary["top_ops"], ["op", "calls", "self_device_ms", "self_cpu_ms"]))
+
+
+if __name__ == "__main__":
+    main()
