@@ -39,8 +39,15 @@ class DictOutput(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args, **kwargs) -> dict:
-        return dict(vars(self.model(*args, **kwargs)))
+    def forward(self, *args, autocast: tuple[str, bool, torch.dtype] | None = None, **kwargs) -> dict:
+        """`autocast` = the caller's (device type, enabled, dtype), entered again here: the engine turns a
+        CUDA autocast off around the module unless its own `torch_autocast` section is on, which would also
+        change how it communicates gradients."""
+        if autocast is None:
+            return dict(vars(self.model(*args, **kwargs)))
+        device, enabled, dtype = autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return dict(vars(self.model(*args, **kwargs)))
 
 
 def _expert_marker(n_experts: int, ep: int, group_name: str) -> nn.Module:
@@ -87,7 +94,9 @@ class DeepSpeedModel(ParallelModel):
     pending: bool = False  # gradients from a backward that no engine step has consumed yet
 
     def _forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor):
-        return ModelOutput(**self.engine(input_ids, doc_ids))
+        device = input_ids.device.type
+        state = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return ModelOutput(**self.engine(input_ids, doc_ids, autocast=state))
 
     def _backward(self, total: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
