@@ -15,6 +15,7 @@ Implementations (`--impls`):
   fp8       the same with precision=fp8 (train/fp8.py: block-scaled FP8 GEMMs).
   bf16-mtp  bf16 with the config's MTP layer(s) on.
   bf16-ac   bf16 with activation checkpointing of every block (for the long contexts).
+  bf16-compile, fp8-compile   with trainer.compile=mhc (train/compile.py: fused mHC and norms).
 moeforge rows use `model.attn_impl=triton` on CUDA (`--attn-impl`; the row records what ran).
 
 Rows run in the priority order of `PLAN` (`--models`, `--rows SHAPE[:IMPL],...`, `--impls` filter it); a row
@@ -65,12 +66,15 @@ OURS = {  # moeforge implementations: precision, MTP on, activation checkpointin
     "fp8": dict(precision="fp8", mtp=False, ac=False),
     "bf16-mtp": dict(precision="bf16", mtp=True, ac=False),
     "bf16-ac": dict(precision="bf16", mtp=False, ac=True),
+    "bf16-compile": dict(precision="bf16", mtp=False, ac=False, compile="mhc"),
+    "fp8-compile": dict(precision="fp8", mtp=False, ac=False, compile="mhc"),
 }
 IMPLS = ("peer", *OURS)
 PLAN = [  # (model, B x S, implementation) in priority order. Consecutive rows of one implementation share
     # its model (built once): after 2x4096 for all of them, the rows go implementation by implementation
     ("v4-small", "2x4096", "peer"), ("v4-small", "2x4096", "fp8"), ("v4-small", "2x4096", "bf16-mtp"),
-    ("v4-small", "2x4096", "bf16"), ("v4-small", "1x65536", "bf16"), ("v4-small", "4x2048", "bf16"),
+    ("v4-small", "2x4096", "bf16"), ("v4-small", "2x4096", "bf16-compile"), ("v4-small", "2x4096", "fp8-compile"),
+    ("v4-small", "1x65536", "bf16"), ("v4-small", "4x2048", "bf16"),
     ("v4-small", "1x8192", "bf16"), ("v4-small", "1x32768", "bf16"),
     ("v4-small", "1x65536", "bf16-ac"), ("v4-small", "1x32768", "bf16-ac"),
     ("v4-small", "4x2048", "peer"), ("v4-small", "1x8192", "peer"), ("v4-small", "1x32768", "peer"),
@@ -179,6 +183,7 @@ def build_ours(args, row: Row, attn: str, run_dir: Path) -> Built:
                  f"trainer.batch_size={row.batch}", f"trainer.seed={args.seed}", "trainer.max_steps=1000000",
                  "trainer.sparse_from_step=0", "trainer.spike.enabled=false",
                  f"trainer.activation_checkpointing={impl['ac']}", f"model.attn_impl={attn}",
+                 f"trainer.compile={impl.get('compile', 'none')}",
                  "logger.progress=false", "logger.wandb.mode=disabled", "trainer.eval_every=0",
                  "checkpoint.every=0"]
     if not impl["mtp"]:

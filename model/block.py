@@ -6,7 +6,7 @@ from torch import nn
 from model.attention import Attention
 from model.config import ModelConfig
 from model.context import ForwardContext
-from model.mhc import HyperConnection, hc_post
+from model.mhc import HyperConnection
 from model.moe import MoE, Routing
 from model.norm import RMSNorm
 
@@ -30,7 +30,7 @@ class Block(nn.Module):
         replay_BSK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Routing]:
         x, post, res = self.hc_attn(streams_BSND)
-        streams_BSND = hc_post(self.attn(self.attn_norm(x), ctx), streams_BSND, post, res)
+        streams_BSND = self.hc_attn.post(self.attn(self.attn_norm(x), ctx), streams_BSND, post, res)
         x, post, res = self.hc_ffn(streams_BSND)
         y, routing = self.ffn(self.ffn_norm(x), input_ids_BS, replay_BSK)
-        return hc_post(y, streams_BSND, post, res), routing
+        return self.hc_ffn.post(y, streams_BSND, post, res), routing

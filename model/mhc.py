@@ -17,8 +17,44 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def hc_pre(streams_BSND, fn, base, scale, n: int, iters: int, hc_eps: float, norm_eps: float):
+    """(collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N]) of one sublayer."""
+    flat = rms_norm(streams_BSND.flatten(2).float(), norm_eps)
+    mix = F.linear(flat, fn.float())
+    pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
+    pre_b, post_b, res_b = base.float().split([n, n, n * n])
+    a_pre, a_post, a_res = scale.float().unbind(0)
+    pre = torch.sigmoid(pre_w * a_pre + pre_b) + hc_eps
+    post = 2 * torch.sigmoid(post_w * a_post + post_b)
+    res = sinkhorn((res_w * a_res + res_b).unflatten(-1, (n, n)), iters, hc_eps)
+    collapsed = (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+    return collapsed, post, res
+
+
+def hc_collapse(streams_BSND, fn, base, scale, hc_eps: float, norm_eps: float):
+    """The final collapse of the streams into one [B,S,D] with sigmoid weights."""
+    flat = rms_norm(streams_BSND.flatten(2).float(), norm_eps)
+    mix = F.linear(flat, fn.float())
+    pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+
+
+def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor):
+    """X'_k = post_k * y + sum_j R[j,k] X_j (residual mix applied transposed, as in the official code)."""
+    dtype = streams_BSND.dtype
+    return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + torch.matmul(
+        res.to(dtype).transpose(-1, -2), streams_BSND
+    )
+
+
 class HyperConnection(nn.Module):
-    """Dynamic + static pre/post/residual mixing of one sublayer: `fn` [(2+n)n, nd], `base`, `scale` [3]."""
+    """Dynamic + static pre/post/residual mixing of one sublayer: `fn` [(2+n)n, nd], `base`, `scale` [3].
+
+    `pre_fn` / `post_fn` are the functions the mixing runs through (`hc_pre`, `hc_post`); a trainer may set
+    compiled ones on an instance (train/compile.py) without the model knowing."""
+
+    pre_fn = staticmethod(hc_pre)
+    post_fn = staticmethod(hc_post)
 
     def __init__(self, hidden_size: int, n: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -30,25 +66,12 @@ class HyperConnection(nn.Module):
 
     def forward(self, streams_BSND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N])."""
-        n = self.n
-        flat = rms_norm(streams_BSND.flatten(2).float(), self.norm_eps)
-        mix = F.linear(flat, self.fn.float())
-        pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, res_b = self.base.float().split([n, n, n * n])
-        a_pre, a_post, a_res = self.scale.float().unbind(0)
-        pre = torch.sigmoid(pre_w * a_pre + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post_w * a_post + post_b)
-        res = sinkhorn((res_w * a_res + res_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
-        collapsed = (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
-        return collapsed, post, res
+        return self.pre_fn(streams_BSND, self.fn, self.base, self.scale, self.n, self.iters, self.hc_eps,
+                           self.norm_eps)
 
-
-def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor):
-    """X'_k = post_k * y + sum_j R[j,k] X_j (residual mix applied transposed, as in the official code)."""
-    dtype = streams_BSND.dtype
-    return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + torch.matmul(
-        res.to(dtype).transpose(-1, -2), streams_BSND
-    )
+    def post(self, y_BSD, streams_BSND, post, res) -> torch.Tensor:
+        """The sublayer's output `y` written back into the streams (`hc_post`)."""
+        return self.post_fn(y_BSD, streams_BSND, post, res)
 
 
 class HyperHead(nn.Module):
@@ -61,8 +84,7 @@ class HyperHead(nn.Module):
         self.base = nn.Parameter(torch.empty(n, dtype=torch.float32))
         self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
+    collapse_fn = staticmethod(hc_collapse)
+
     def forward(self, streams_BSND: torch.Tensor) -> torch.Tensor:
-        flat = rms_norm(streams_BSND.flatten(2).float(), self.norm_eps)
-        mix = F.linear(flat, self.fn.float())
-        pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
-        return (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+        return self.collapse_fn(streams_BSND, self.fn, self.base, self.scale, self.hc_eps, self.norm_eps)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.errors import ConfigError
+from train.compile import CHOICES as COMPILE_CHOICES
 from train.parallel.deepspeed.options import check_engine
 from train.parallel.layout import SCHEDULES
 
@@ -46,6 +47,7 @@ class TrainerConfig:
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     activation_checkpointing: bool = False
+    compile: str = "none"  # none | mhc | blocks (train/compile.py)
     mtp_weight: float = 0.3
     mtp_weight_decay_phase: float = 0.1  # MTP weight once the LR starts to decay
     sparse_from_step: int = 0  # CSA attends densely before this step, to the indexer's top-k from it on
@@ -206,6 +208,7 @@ def _check_train(cfg: DictConfig) -> None:
         raise ConfigError("trainer.spike.factor", f"must be > 1, got {t.spike.factor}")
     if not 0 <= t.spike.ema_beta < 1:
         raise ConfigError("trainer.spike.ema_beta", f"must be in [0, 1), got {t.spike.ema_beta}")
+    _one_of("trainer.compile", t.compile, COMPILE_CHOICES)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _check_int("checkpoint.every", cfg.checkpoint.every, 0)

@@ -27,6 +27,7 @@ from train.guard import SpikeGuard, Verdict
 from train.losses import IGNORE, cross_entropy, label_counts, lm_and_mtp_loss
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import apply_fp8, autocast, resolve_device, resolve_precision
+from train.compile import compile_model
 from train.recompute import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Trainer:
         rng.seed_all(self.t.seed)
         self.model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         self.model = Transformer(self.model_cfg).to(self.build_device())
-        self.model = apply_fp8(self.model, self.precision)
+        self.model = compile_model(apply_fp8(self.model, self.precision), self.t.compile)
         if self.t.activation_checkpointing:
             enable_activation_checkpointing(self.model.layers)
         self._check_attention_phase()

@@ -23,6 +23,7 @@ def test_tiny_rows_of_every_implementation_end_to_end(tmp_path):
     out = tmp_path / "train_step.json"
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--device", "cpu", "--tiny",
            "--out", str(out), "--models", "v4-small", "--rows", "2x4096,4x2048:bf16,1x32768:bf16-ac",
+           "--impls", "peer,bf16,fp8,bf16-mtp,bf16-ac",
            "--warmup", "1", "--steps", "1", "--peak-tflops", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -62,8 +63,8 @@ def test_tiny_rows_of_every_implementation_end_to_end(tmp_path):
 
 def test_plan_order_and_filters(tmp_path):
     rows = ts.plan_rows(ts.parse_args(["--out", str(tmp_path / "x.json")]))
-    first = [("2x4096", i) for i in ("peer", "fp8", "bf16-mtp", "bf16")] + [("1x65536", "bf16")]
-    assert [(r.shape, r.impl) for r in rows[:5]] == first
+    first = [("2x4096", i) for i in ("peer", "fp8", "bf16-mtp", "bf16", "bf16-compile", "fp8-compile")]
+    assert [(r.shape, r.impl) for r in rows[:7]] == first + [("1x65536", "bf16")]
     assert {r.shape for r in rows} == {"2x4096", "4x2048", "1x8192", "1x32768", "1x65536"}
     assert {(r.model, r.impl) for r in rows} >= {("v4-medium", i) for i in ("peer", "bf16", "fp8")}
     assert len({(r.model, r.shape, r.impl) for r in rows}) == len(rows)
