@@ -263,3 +263,22 @@ def test_launcher_deepspeed_may_span_nodes():
     assert launcher_config(cfg).world_size == 2
     with pytest.raises(ConfigError, match="launcher.nodes"):
         launcher_config(OmegaConf.create({"launcher": {"name": "torchrun", "nodes": 2}}))
+
+
+def test_the_callers_autocast_is_entered_again_inside_the_engine_module():
+    """DeepSpeed's engine turns a CUDA autocast off around its module; `DictOutput` re-enters the caller's
+    state: with autocast off outside, the module still runs in bf16 when told the caller had it on."""
+    from model import Transformer
+    from tests.model.v4_test_helpers import small_model_config
+    from train.parallel.deepspeed.engine import DictOutput
+
+    model = Transformer(small_model_config(["sliding_attention"]))
+    ids = torch.randint(0, 97, (1, 9))
+    wrapped = DictOutput(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids, None).logits
+    with torch.autocast("cpu", enabled=False):
+        got = wrapped(ids, None, autocast=("cpu", True, torch.bfloat16))["logits"]
+        plain = wrapped(ids, None, autocast=("cpu", False, torch.bfloat16))["logits"]
+    assert want.dtype == got.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
