@@ -7,22 +7,20 @@ unless ``verify=false``, loads it back through transformers and compares the log
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig
 
 from launch.launcher import launchers_in_config_store
 from model import ModelConfig, Transformer
 from model.errors import ConfigError, MoeforgeError
 from model.hf import save_hf
+from train.summary import hydra_entry, write_summary
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "moeforge_export"
@@ -98,14 +96,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                 f"{gap:.3g} (> verify_atol={cfg.verify_atol})")
     print(f"exported {ckpt} -> {out}", flush=True)
     summary = {"stage": "export", "checkpoint": str(out.resolve()), "source": str(ckpt), "metrics": metrics}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(run_dir, summary)
 
 
-@hydra.main(config_path=None, config_name=CONFIG_NAME, version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run, CONFIG_NAME, config_path=None)
 
 
 if __name__ == "__main__":

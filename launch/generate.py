@@ -6,20 +6,18 @@ This is what a Hugging Face user does with the export: ``AutoTokenizer`` + ``Aut
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig
 
 from launch.launcher import launchers_in_config_store
 from model.errors import ConfigError, MoeforgeError
+from train.summary import hydra_entry, write_summary
 
 CONFIG_NAME = "moeforge_generate"
 STOP_TOKENS = ("<|end|>", "<|eos|>")
@@ -87,14 +85,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"{cfg.prompt}\n---\n{text}" if cfg.chat else f"{cfg.prompt}{text}", flush=True)
     summary = {"stage": "generate", "checkpoint": None, "model": str(cfg.model), "prompt": cfg.prompt,
                "completion": text, "metrics": {"new_tokens": n, "seconds": round(seconds, 2)}}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(run_dir, summary)
 
 
-@hydra.main(config_path=None, config_name=CONFIG_NAME, version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run, CONFIG_NAME, config_path=None)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 from launch.compose import compose_stage
 from launch.stages import StageSpec, load_stage
 from launch.validate import validate_stage
+from train.summary import SUMMARY_FILE, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def run_in_process(spec: StageSpec, overrides: list[str]) -> dict:
         summary = module.run(cfg, run_dir)
     summary = dict(summary or {})
     summary.setdefault("stage", spec.name)
-    if not (run_dir / "summary.json").exists():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if not (run_dir / SUMMARY_FILE).exists():
+        write_summary(run_dir, summary)
     return summary
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from model import ModelConfig
 from model.info import count_parameters
+from train.summary import hydra_entry, write_summary
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -22,18 +20,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for key, value in counts.items():
         print(f"{key:<13}  {_fmt(value)}")
     summary = {"stage": "model-info", "checkpoint": None, "metrics": counts}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(run_dir, summary)
 
 
 def _fmt(value: int) -> str:
     return f"{value:>17,}" + (f"  ({value / 1e9:.1f}B)" if value >= 10**8 else "")
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ steps) execute; the in-process pipeline calls :func:`run_step` directly.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from launch.progress import duration, label, stage_log
 from launch.stages import get_stage
 from launch.validate import check_input_path
 from model.errors import MoeforgeError
+from train.summary import read_summary
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _execute(spec, name: str, overrides: list[str], lc: LauncherConfig, step_dir
     argv = (deepspeed_argv if runner == "deepspeed" else torchrun_argv)(spec.module, overrides, lc)
     if subprocess.run(argv, env=job_env()).returncode != 0:
         raise MoeforgeError(f"step {name}: {runner} exited with an error; see {step_dir}")
-    return json.loads((step_dir / "summary.json").read_text())
+    return read_summary(step_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

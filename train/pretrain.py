@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from train.config import validate
@@ -16,6 +13,7 @@ from train.loop import Trainer
 from train.metrics import METRICS_FILE, summarize
 from train.parallel.trainer import make_trainer
 from train.plot import loss_curve
+from train.summary import hydra_entry, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "loss_curve.png"
@@ -48,15 +46,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "plot": str(plot),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log.info("pretrain done: %s", json.dumps(summary["metrics"]))
-    return summary
+    return write_summary(run_dir, summary)
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; the run directory is `hydra.run.dir`."""
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":
