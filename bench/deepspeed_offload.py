@@ -234,6 +234,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per run before it stops stepping")
+    p.add_argument("--parts", default="capped,uncapped", help="which parts to run (comma-separated)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # PART:SIZE:ENGINE, in a child process
     p.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -243,7 +244,10 @@ def main() -> None:
         one_run(args.run, args.record, args)
         return
     result = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("run", "record")}, "runs": []}
-    for spec in (":".join(r) for r in RUNS):
+    parts = set(args.parts.split(","))
+    if not parts <= {"capped", "uncapped"}:
+        raise SystemExit(f"--parts: choose from capped, uncapped; got {args.parts!r}")
+    for spec in (":".join(r) for r in RUNS if r[0] in parts):
         rec = spawn(args, spec)
         result["runs"].append(rec)
         result.update({k: rec[k] for k in ("gpu_total_gb", "cap_gb") if k in rec})
