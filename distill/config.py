@@ -18,8 +18,9 @@ ALL_KINDS = (*KINDS, SAMPLED)
 
 @dataclass
 class DistillConfig:
-    """One step: `prompts_per_domain` prompts of every teacher's domain, `samples_per_prompt` student
-    samples each, scored position by position by that domain's teacher."""
+    """One step: `prompts_per_domain` prompts of every teacher's domain (`domain_prompts` overrides it per
+    domain), `samples_per_prompt` student samples each, scored position by position by that domain's
+    teacher."""
 
     kind: str = "reverse_kl"  # reverse_kl (V4) | forward_kl | jsd | sampled
     beta: float = 0.5  # JSD(beta) mixture weight
@@ -29,6 +30,7 @@ class DistillConfig:
     chunk_vocab: int = 8192  # vocabulary entries per block: [chunk_rows, chunk_vocab] teacher logits at once
     weights: dict[str, float] = field(default_factory=dict)  # per teacher (domain); missing = 1.0
     prompts_per_domain: int = 8
+    domain_prompts: dict[str, int] = field(default_factory=dict)  # per domain; missing = prompts_per_domain
     samples_per_prompt: int = 1
     max_new_tokens: int = 48
     sample_temperature: float = 1.0  # the student's sampling temperature (1.0 = its own distribution)
@@ -59,6 +61,9 @@ class DistillConfig:
         for name, w in self.weights.items():
             if not w >= 0:
                 raise ConfigError(f"distill.weights.{name}", f"must be >= 0, got {w}")
+        for name, n in self.domain_prompts.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"distill.domain_prompts.{name}", f"must be an integer >= 1, got {n!r}")
         for name, opts in self.domain_options.items():
             if not isinstance(opts, dict):
                 raise ConfigError(f"distill.domain_options.{name}", f"must be a mapping, got {opts!r}")
@@ -82,3 +87,7 @@ class DistillConfig:
 
     def weight(self, domain: str) -> float:
         return float(self.weights.get(domain, 1.0))
+
+    def prompts(self, domain: str) -> int:
+        """Prompts of `domain` per step."""
+        return int(self.domain_prompts.get(domain, self.prompts_per_domain))

@@ -24,12 +24,14 @@ def domain_tasks(cfg: DistillConfig, domain: str, split: str) -> list[dict]:
 
 
 class PromptSampler:
-    """`next_batch()`: `prompts_per_domain` training tasks of each domain, grouped by domain (sorted by
-    domain name, so one teacher at a time scores its rows)."""
+    """`next_batch()`: `per_domain` training tasks of each domain (one count for all, or domain -> count),
+    grouped by domain (sorted by domain name, so one teacher at a time scores its rows)."""
 
-    def __init__(self, pools: dict[str, list[dict]], per_domain: int, seed: int):
+    def __init__(self, pools: dict[str, list[dict]], per_domain: int | dict[str, int], seed: int):
         self.pools = {d: pools[d] for d in sorted(pools)}
-        self.per_domain, self.seed, self.steps = per_domain, seed, 0
+        counts = per_domain if isinstance(per_domain, dict) else dict.fromkeys(self.pools, per_domain)
+        self.per_domain = {d: int(counts[d]) for d in self.pools}
+        self.seed, self.steps = seed, 0
         self._orders: dict[str, tuple[int, list[int]]] = {}  # domain -> (pass, its order)
 
     def _order(self, domain: str, epoch: int) -> list[int]:
@@ -43,8 +45,8 @@ class PromptSampler:
         """The tasks of step `step` (0-based)."""
         out = []
         for domain, pool in self.pools.items():
-            n = len(pool)
-            for i in range(step * self.per_domain, (step + 1) * self.per_domain):
+            n, k = len(pool), self.per_domain[domain]
+            for i in range(step * k, (step + 1) * k):
                 out.append(pool[self._order(domain, i // n)[i % n]])
         return out
 

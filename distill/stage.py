@@ -112,10 +112,11 @@ def prepare(cfg: DictConfig) -> Inputs:
     cfg = validate(cfg)
     dcfg = section(cfg, "distill", DistillConfig)
     student, teacher_paths = resolve_inputs(cfg)
-    for name in dcfg.weights:
-        if name not in teacher_paths:
-            raise ConfigError(f"distill.weights.{name}", f"no teacher for domain {name!r} "
-                                                         f"(teachers: {', '.join(teacher_paths)})")
+    for key, per_domain in (("weights", dcfg.weights), ("domain_prompts", dcfg.domain_prompts)):
+        for name in per_domain:
+            if name not in teacher_paths:
+                raise ConfigError(f"distill.{key}.{name}", f"no teacher for domain {name!r} "
+                                                           f"(teachers: {', '.join(teacher_paths)})")
     cfg = student_config(cfg, student)
     if not (student / "tokenizer.json").is_file():
         raise ConfigError("student", f"checkpoint {student} has no tokenizer.json")

@@ -47,7 +47,8 @@ class DistillTrainer(Trainer):
 
     def _build_data(self) -> DistillData:
         pools = {d: domain_tasks(self.dcfg, d, "train") for d in self.teachers}
-        return DistillData(self.tokenizer, PromptSampler(pools, self.dcfg.prompts_per_domain, self.t.seed))
+        return DistillData(self.tokenizer, PromptSampler(pools, {d: self.dcfg.prompts(d) for d in pools},
+                                                         self.t.seed))
 
     # ------------------------------------------------------------------ sampling
     def sample(self, tasks: list[dict], step: int) -> Rollout:

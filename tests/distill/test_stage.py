@@ -26,9 +26,18 @@ from rl.rollout import SamplingConfig, generate
 from train import checkpoint, rng
 
 GENERIC_STEPS = 300  # the student: SFT on both domains
-EXPERT_STEPS = 300  # each teacher: the student, then SFT on its own domain
-DISTILL_STEPS = 40
+EXPERT_STEPS = 225  # each teacher: the student, then SFT on its own domain
+DISTILL_STEPS = 250
 DOMAINS = ("math", "code")
+# math: two-digit problems with a one-digit operand and no carries (data.tasks.math), so a held-out problem
+# (never trained on, in any wording) is a new combination of digit facts seen in training. With one-digit
+# problems a held-out fact can only be memorised, and no distillation on training prompts transfers it.
+MATH_OPTIONS = {"difficulty": 2, "carries": False, "max_b": 9}
+
+
+def math_keys(prefix: str) -> list[str]:
+    """MATH_OPTIONS as overrides of `prefix`.<option>."""
+    return [f"{prefix}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATH_OPTIONS.items()]
 
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -133,6 +142,11 @@ def test_prompt_sampler_balances_domains_and_resumes():
     assert b.next_batch() == batches[4] and a.state_dict() == {"steps": 6}
     other_seeds = [PromptSampler(pools, 2, seed=s).batch_at(0) for s in range(8, 12)]
     assert any(o != batches[0] for o in other_seeds)  # the seed decides the order
+    uneven = PromptSampler(pools, {"math": 3, "code": 1}, seed=7)  # distill.domain_prompts: per-domain counts
+    steps = [uneven.next_batch() for _ in range(5)]
+    assert all([t["domain"] for t in b] == ["code", "math", "math", "math"] for b in steps)
+    seen_math = [t["id"] for b in steps for t in b if t["domain"] == "math"]
+    assert sorted(seen_math) == sorted([f"m{i}" for i in range(5)] * 3)  # still every task once per pass
 
 
 @pytest.fixture(scope="module")
@@ -148,26 +162,30 @@ def experts(base):
     from the model it then distils into."""
     root, _, start, _ = base
     mixed = root / "mixed.jsonl"
-    convs = task_conversations(load_tasks("math", "train", 1000, 0) + load_tasks("code", "train", 1000, 0))
+    convs = task_conversations(load_tasks("math", "train", 1000, 0, **MATH_OPTIONS)
+                               + load_tasks("code", "train", 1000, 0))
     mixed.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     student = sft(root, start, "sft-generic", GENERIC_STEPS, "+domain=math", "sft.source=conversations",
                   "data=files", f"data.path={mixed}")
-    teachers = {d: sft(root, student, f"sft-{d}", EXPERT_STEPS, f"+domain={d}") for d in DOMAINS}
+    own = {"math": math_keys("domain.options"), "code": []}
+    teachers = {d: sft(root, student, f"sft-{d}", EXPERT_STEPS, f"+domain={d}", *own[d]) for d in DOMAINS}
     return root, student, teachers
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 900 SFT steps and 40 distillation steps: about 3 minutes on two idle cores
+@pytest.mark.timeout(1500)  # 750 SFT steps and 250 distillation steps: about 6 minutes on one core
 def test_distillation_merges_the_experts_into_the_student(experts):
     """Must-show 1: each expert solves its held-out domain and is clearly worse on the other; the student
-    starts clearly below 90% of each expert; after distillation it keeps >= 90% of the code expert. The
-    math half is not met at this size (held-out arithmetic facts need generalisation that 40 steps of
-    distillation on training prompts do not transfer): it is an expected failure, with the numbers."""
+    starts clearly below each expert; after distillation it reaches >= 90% of each expert's held-out score
+    on that expert's domain (64 held-out prompts per domain, greedy). The divergence is the stage's forward
+    KL option on the student's own samples: V4's reverse KL (the default) weights each token's gradient by
+    the student's own probability of it, so answer digits the student rarely produces are learnt slowly; at
+    this size it took math from 6/64 to 14/64 in 200 steps (expert: 24/64), the forward KL to 22/64."""
     root, student, teachers = experts
     cfg, rd = compose("distill", root / "distill", *distill_overrides(
-        student, teachers, f"trainer.max_steps={DISTILL_STEPS}", "trainer.eval_every=0",
-        "checkpoint.every=0", "distill.prompts_per_domain=32", "+distill.weights.math=2.0", "optim.lr=3e-3",
-        "optim.warmup_steps=1"))
+        student, teachers, *math_keys("++distill.domain_options.math"), f"trainer.max_steps={DISTILL_STEPS}",
+        "trainer.eval_every=0", "checkpoint.every=0", "distill.prompts_per_domain=24", "optim.name=adamw",
+        "optim.lr=2e-3", "optim.warmup_steps=1", "distill.kind=forward_kl"))
     summary = run(cfg, rd)
     doms = summary["metrics"]["domains"]
     report = (rd / "report.md").read_text()
@@ -180,16 +198,13 @@ def test_distillation_merges_the_experts_into_the_student(experts):
         assert m["student_score_before"] <= 0.75 * m["teacher_score"], m  # the student starts clearly below
         kl = [r[f"kl/{own}"] for r in records if f"kl/{own}" in r]
         assert sum(kl[-5:]) < 0.6 * sum(kl[:5]), kl  # the divergence to the domain's teacher falls
-    assert doms["code"]["student_score"] >= 0.9 * doms["code"]["teacher_score"], doms["code"]
+    for d in DOMAINS:  # the merge: one student keeps >= 90% of every expert on the expert's own domain
+        assert doms[d]["student_score"] >= 0.9 * doms[d]["teacher_score"], doms[d]
     rows = [line for line in report.splitlines() if line.startswith("| math |")]
     assert summary["stage"] == "distill" and len(rows) == 2  # the domain's row and its teacher's row
     assert summary["checkpoint"] == str(rd / "checkpoints" / f"step-{DISTILL_STEPS}")
     assert (rd / "kl_curve.png").stat().st_size > 0
     assert json.loads((rd / "summary.json").read_text())["metrics"]["domains"]["code"] == doms["code"]
-    m = doms["math"]
-    if m["student_score"] < 0.9 * m["teacher_score"]:
-        pytest.xfail(f"math: student {m['student_score']:.3f} (before {m['student_score_before']:.3f}) < 90% "
-                     f"of the math expert's {m['teacher_score']:.3f} on {m['n_val']} held-out prompts")
 
 
 def test_resume_is_exact(base):
@@ -246,6 +261,8 @@ def test_teacher_weights_and_micro_batches_combine_exactly(base):
     before = {n: p.clone() for n, p in whole.teachers["math"].model.named_parameters()}
     whole.train_step()
     assert all(torch.equal(p, before[n]) for n, p in whole.teachers["math"].model.named_parameters())
+    uneven = trainer_with("+distill.domain_prompts.code=1").data.train.next_batch()
+    assert [t["domain"] for t in uneven] == ["code", "math", "math", "math"]  # code: 1 prompt, math: 3
     shutil.rmtree(root / "weights")
 
 
@@ -257,6 +274,8 @@ def test_config_errors_name_the_key(base, tmp_path):
         ([f"teachers.math={tmp_path / 'nowhere'}"], "teachers.math"),
         (["+distill.weights.chem=1.0"], "distill.weights.chem"),
         (["distill.prompts_per_domain=0"], "distill.prompts_per_domain"),
+        (["+distill.domain_prompts.math=0"], "distill.domain_prompts.math"),
+        (["+distill.domain_prompts.chem=4"], "distill.domain_prompts.chem"),  # no such teacher
         (["distill.chunk_vocab=0"], "distill.chunk_vocab"),
         (["distill.teacher_ranks=[1]"], "distill.teacher_ranks"),  # one process: no rank 1 to host them
         (["distill.teacher_ranks=[-1]"], "distill.teacher_ranks"),
