@@ -122,3 +122,11 @@ def test_carry_free_math_has_no_column_carry(difficulty):
         assert OPS[op](int(a), int(b)) == int(c) and not column_carry_reference(int(a), op, int(b))
     with pytest.raises(MoeforgeError, match="domain.carries"):
         load_tasks("math", "train", 5, carries="no")
+
+
+@pytest.mark.parametrize("domain", ["math", "code"])
+def test_fewer_tasks_are_a_prefix_of_more(domain):
+    """`n` tasks are the first `n` of any larger draw with the same seed: an SFT on domain.n_train=500 sees a
+    subset of the GRPO stage's 2000 training tasks, and GRPO also practises tasks the SFT never saw."""
+    many = load_tasks(domain, "train", 400, seed=0)
+    assert load_tasks(domain, "train", 100, seed=0) == many[:100]

@@ -1,5 +1,6 @@
 """The grpo stage: mechanics (checkpoints, metrics, PNG, exact resume, reference KL, router replay), the
-direction of one update, and must-show 1 (SFT then GRPO raises held-out accuracy; opt-in, see below)."""
+direction of one update, and must-show 1 (SFT then GRPO raises held-out accuracy: seed 0 in every run, seed 1
+opt-in, see below)."""
 
 import json
 import os
@@ -175,13 +176,20 @@ def test_grpo_needs_a_starting_checkpoint(tmp_path):
 # Must-show 1 per domain: (domain keys, SFT keys, GRPO keys). The SFT stops where the format is learnt and the
 # held-out score has headroom. math: two-digit problems with a one-digit operand and no carries, so that a
 # held-out problem (never trained on, in any wording) is a new combination of digit facts seen in training.
+# The math SFT sees the first 500 of the 2000 training tasks (411 of their 997 facts): GRPO then practises
+# facts the SFT did not memorise, which is what carries over to held-out ones (SFT on all 2000: seed 1 gained
+# only 0.346 -> 0.379). GRPO runs AdamW at 5e-4 for math and 3e-4 for code (code at 5e-4 loses its format
+# within 12 steps; math at 1e-3 loses held-out accuracy within 4), with dynamic sampling and refill (math:
+# only about 1 group in 3 has mixed rewards). Every suite run takes seed 0; the opt-in test adds seed 1.
+# Shorter GRPO is not robust: math at 20 steps went 0.340 -> 0.391 (seed 0, bar 0.053), code at 20 steps
+# 0.389 -> 0.434 (seed 1, bar 0.088); the policy still moves by about 0.04 between checkpoints there.
+MATH_TASKS = ["domain.options.difficulty=2", "domain.options.carries=false", "domain.options.max_b=9"]
 LEARNING = {
-    "math": (["domain.options.difficulty=2", "domain.options.carries=false", "domain.options.max_b=9"],
-             ["trainer.max_steps=300", "trainer.seq_len=128"],
+    "math": (MATH_TASKS, ["domain.n_train=500", "trainer.max_steps=300", "trainer.seq_len=128"],
              ["trainer.max_steps=40", "optim.lr=5e-4"]),
     "code": ([], ["trainer.max_steps=90", "trainer.seq_len=256"], ["trainer.max_steps=30", "optim.lr=3e-4"]),
 }
-LEARNING_SEEDS = (0, 1)
+CI_SEED, MORE_SEEDS = 0, (1,)
 EVAL_SEEDS = 3  # the SFT model's held-out score under this many sampling seeds gives the noise
 
 
@@ -190,16 +198,11 @@ def greedy_accuracy(state) -> float:
                           batch_size=state.g.eval_batch, system=state.domain.system)["accuracy"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MOEFORGE_LEARNING_TESTS") != "1",
-                    reason="about 6 minutes per domain and seed on one core; set MOEFORGE_LEARNING_TESTS=1")
-@pytest.mark.parametrize("seed", LEARNING_SEEDS)
-@pytest.mark.parametrize("name", sorted(LEARNING))
-def test_sft_then_grpo_raises_held_out_accuracy(tmp_path, name, seed):
-    """Must-show 1: a fresh small V4 learns the format by SFT; GRPO then raises the held-out accuracy (the
-    mean over 4 samples at the rollout temperature on each of 128 tasks never seen in training) by at least
-    0.05 and by at least 3x the spread of the SFT model's score over sampling seeds. Greedy is printed."""
-    domain_keys, sft_keys, grpo_keys = LEARNING[name]
+def assert_grpo_raises_held_out_accuracy(tmp_path, name: str, seed: int, recipe: tuple, greedy: bool = True):
+    """A fresh small V4 learns the format by SFT; GRPO then raises the held-out accuracy (the mean over 4
+    samples at the rollout temperature on each of 128 tasks never seen in training) by at least 0.05 and by
+    at least 3x the spread of the SFT model's score over sampling seeds. Greedy is printed when asked."""
+    domain_keys, sft_keys, grpo_keys = recipe
     common = [domain_override(name), "domain.n_train=2000", "domain.n_val=128", *domain_keys,
               f"trainer.seed={seed}", "trainer.eval_every=0", "checkpoint.every=0"]
     cfg, run_dir = compose("sft", tmp_path / "sft", *common, *sft_keys, "trainer.batch_size=8",
@@ -219,11 +222,33 @@ def test_sft_then_grpo_raises_held_out_accuracy(tmp_path, name, seed):
     other_seeds = range(seed + 1, seed + EVAL_SEEDS)
     sft_scores = [m["accuracy_before"], *(probe.evaluate(seed=s)["accuracy"] for s in other_seeds)]
     spread = max(sft_scores) - min(sft_scores)
-    greedy = [greedy_accuracy(probe)]
-    checkpoint.load(Path(summary["checkpoint"]), probe.model)
-    greedy.append(greedy_accuracy(probe))
+    line = ""
+    if greedy:
+        scores = [greedy_accuracy(probe)]
+        checkpoint.load(Path(summary["checkpoint"]), probe.model)
+        scores.append(greedy_accuracy(probe))
+        line = f"; greedy {scores[0]:.3f} -> {scores[1]:.3f}"
     print(f"\n{name} seed {seed}: held-out accuracy on {m['n_val']} tasks x 4 samples: SFT "
           f"{m['accuracy_before']:.3f} (sampling seeds: {' '.join(f'{x:.3f}' for x in sft_scores)}) -> GRPO "
-          f"{m['accuracy_after']:.3f}; greedy {greedy[0]:.3f} -> {greedy[1]:.3f}")
+          f"{m['accuracy_after']:.3f} after {m['steps']} steps{line}")
     assert m["n_val"] == 128
     assert m["accuracy_after"] >= m["accuracy_before"] + max(0.05, 3 * spread), (m, sft_scores)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", sorted(LEARNING))
+def test_sft_then_grpo_raises_held_out_accuracy(tmp_path, name):
+    """Must-show 1 in every suite run, seed 0 (one core of a loaded 2-core machine: math 367 s, code 472 s)"""
+    assert_grpo_raises_held_out_accuracy(tmp_path, name, CI_SEED, LEARNING[name], greedy=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MOEFORGE_LEARNING_TESTS") != "1",
+                    reason="7 to 10 minutes per domain and seed on one core; set MOEFORGE_LEARNING_TESTS=1")
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("seed", MORE_SEEDS)
+@pytest.mark.parametrize("name", sorted(LEARNING))
+def test_sft_then_grpo_raises_held_out_accuracy_other_seeds(tmp_path, name, seed):
+    """Must-show 1 for more seeds (opt-in), greedy accuracy printed too."""
+    assert_grpo_raises_held_out_accuracy(tmp_path, name, seed, LEARNING[name])
