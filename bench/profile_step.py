@@ -1,14 +1,14 @@
 """Where a moeforge training step spends its time (issue 8): `torch.profiler` over a few steps of
 `train.loop.Trainer.train_step` (the implementation `bench/train_step.py` times), split by model part.
 
-    python bench/profile_step.py --out bench/results/profile_step.json                 # v4-small 2x4096, one GPU
-    python bench/profile_step.py --device cpu --tiny --out /tmp/profile.json           # smoke test (CPU)
+    python bench/profile_step.py --out bench/results/profile_step.json           # v4-small 2x4096, one GPU
+    python bench/profile_step.py --device cpu --tiny --out /tmp/profile.json     # smoke test (CPU)
 
 The forward of every attention, compressor, indexer, MoE (router, routed and shared experts), mHC, norm and
 the whole model runs inside a `record_function` range named after the part (nested; backward is not split);
-the output lists each part's forward device time per step, then the top operators by self device time over the profiled steps, the device-busy
-share of the wall time (the sum of kernel times over the wall time: low means launch or host bound) and the
-number of host synchronisations (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, device-to-host copies).
+the output lists each part's forward device time per step, then the top operators by self device time, the
+device-busy share of the wall time (the sum of kernel times over the wall time: low means launch or host
+bound) and the number of host synchronisations (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `.item()`).
 JSON (`--out`) holds all of it; `--trace` also writes the Chrome trace.
 """
 
@@ -32,7 +32,7 @@ from bench.common import table, write_json  # noqa: E402
 from bench.train_step import OURS, Row, build_ours, make_batches, sync  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-PARTS = {  # module class name -> its range (ranges nest: attention's time includes its compressor's and indexer's)
+PARTS = {  # module class name -> its range (ranges nest: attention's includes its compressor's, indexer's)
     "Transformer": "model", "Attention": "attention", "Compressor": "compressor", "Indexer": "indexer",
     "MoE": "moe", "Gate": "router", "Experts": "routed experts", "SharedExpert": "shared expert",
     "HyperConnection": "mhc", "HyperHead": "mhc head", "RMSNorm": "norm", "MTPBlock": "mtp",

@@ -12,17 +12,14 @@ summary.json and report.md. Under torchrun, `distill.teacher_ranks` puts the tea
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import torch.distributed as dist
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import DistillConfig
@@ -39,6 +36,7 @@ from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.parallel.env import detect_env, init_distributed
 from train.precision import resolve_device, resolve_precision
 from train.sft import section
+from train.summary import hydra_entry, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +223,11 @@ def train_student(cfg: DictConfig, run_dir: Path, plan: Placement | None) -> dic
         "plot": str(plot),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log.info("distill done: %s", json.dumps({d: {k: m[k] for k in ("teacher_score", "student_score")}
-                                             for d, m in domains.items()}))
-    return summary
+    return write_summary(run_dir, summary, headline={d: {k: m[k] for k in ("teacher_score", "student_score")}
+                                                     for d, m in domains.items()})
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; the run directory is `hydra.run.dir`."""
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ is measured before the first step and after the last (and every `trainer.eval_ev
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from model import ModelConfig, Transformer
@@ -38,6 +35,7 @@ from train.config import to_object, validate
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import autocast, resolve_device, resolve_precision
 from train.sft import DomainConfig, section, stage_tokenizer
+from train.summary import hydra_entry, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "reward_curve.png"
@@ -327,15 +325,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "plot": str(plot),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log.info("grpo done: %s", json.dumps(summary["metrics"]))
-    return summary
+    return write_summary(run_dir, summary)
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; the run directory is `hydra.run.dir`."""
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,12 @@ data group's trained one. Validation is the assistant-token loss on the held-out
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from model.errors import ConfigError
@@ -25,6 +22,7 @@ from train.config import to_object, validate
 from train.loop import Trainer
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.plot import loss_curve
+from train.summary import hydra_entry, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "loss_curve.png"
@@ -156,15 +154,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "plot": str(plot),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log.info("sft done: %s", json.dumps(summary["metrics"]))
-    return summary
+    return write_summary(run_dir, summary)
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; the run directory is `hydra.run.dir`."""
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+main = hydra_entry(run)
 
 
 if __name__ == "__main__":
