@@ -37,7 +37,7 @@ PARTS = {  # module class name -> its range (ranges nest: attention's includes i
     "MoE": "moe", "Gate": "router", "Experts": "routed experts", "SharedExpert": "shared expert",
     "HyperConnection": "mhc", "HyperHead": "mhc head", "RMSNorm": "norm", "MTPBlock": "mtp",
 }
-METHODS = {"Indexer": ("queries", "keys", "score")}  # modules the attention calls through methods, not forward
+METHODS = {"Indexer": ("queries", "keys", "score")}  # called through methods, not forward
 
 
 def in_range(fn, part: str):
