@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(Path(args.out), summary)
     print(f"step {summary['step_ms']:.1f} ms, device busy {summary['device_busy_ms']:.1f} ms "
           f"({100 * summary['device_busy_share']:.0f}%), host syncs/step {summary['host_syncs_per_step']}")
-    print("forward time per part (ms/step):", {k: round(v, 2) for k, v in summary["parts_forward_ms"].items()})
+    parts = {k: round(v, 2) for k, v in summary["parts_forward_ms"].items()}
+    print("forward time per part (ms/step):", parts)
     print(table(summary["top_ops"], ["op", "calls", "self_device_ms", "self_cpu_ms"]))
 
 
