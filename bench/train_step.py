@@ -73,7 +73,8 @@ IMPLS = ("peer", *OURS)
 PLAN = [  # (model, B x S, implementation) in priority order. Consecutive rows of one implementation share
     # its model (built once): after 2x4096 for all of them, the rows go implementation by implementation
     ("v4-small", "2x4096", "peer"), ("v4-small", "2x4096", "fp8"), ("v4-small", "2x4096", "bf16-mtp"),
-    ("v4-small", "2x4096", "bf16"), ("v4-small", "2x4096", "bf16-compile"), ("v4-small", "2x4096", "fp8-compile"),
+    ("v4-small", "2x4096", "bf16"), ("v4-small", "2x4096", "bf16-compile"),
+    ("v4-small", "2x4096", "fp8-compile"),
     ("v4-small", "1x65536", "bf16"), ("v4-small", "4x2048", "bf16"),
     ("v4-small", "1x8192", "bf16"), ("v4-small", "1x32768", "bf16"),
     ("v4-small", "1x65536", "bf16-ac"), ("v4-small", "1x32768", "bf16-ac"),
