@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_tiny_profile_names_the_parts_and_counts_host_syncs(tmp_path):
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--device", "cpu", "--tiny", "--out", str(out),
-           "--warmup", "1", "--steps", "1", "--top", "7"]
+    cmd = [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--device", "cpu", "--tiny",
+           "--out", str(out), "--warmup", "1", "--steps", "1", "--top", "7"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
