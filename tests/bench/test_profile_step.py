@@ -22,5 +22,5 @@ def test_tiny_profile_names_the_parts_and_counts_host_syncs(tmp_path):
         assert parts[f"{part} (cpu)"] > 0, part
     assert parts["model (cpu)"] > parts["attention (cpu)"] > parts["indexer (cpu)"]  # ranges nest
     assert len(data["top_ops"]) == 7 and data["step_ms"] > 0
-    assert data["host_syncs_per_step"]["item() / bool(tensor)"] >= 1  # the loss and the gradient norm at least
+    assert data["host_syncs_per_step"]["item() / bool(tensor)"] >= 1  # the loss and the grad norm at least
     assert data["row"]["seq"] == 64 and "step" in proc.stdout
