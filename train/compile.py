@@ -24,7 +24,7 @@ CHOICES = ("none", "mhc", "blocks")
 
 
 def compile_model(model: nn.Module, what: str) -> nn.Module:
-    """Compile the `what` parts of `model` in place (`what` in CHOICES, checked by train.config); returns it."""
+    """Compile the `what` parts of `model` in place (`what` in CHOICES, checked by train.config)."""
     if what == "mhc":
         pre, post, collapse, norm = (torch.compile(f, dynamic=False)
                                      for f in (hc_pre, hc_post, hc_collapse, weighted_rms_norm))
