@@ -21,13 +21,13 @@ from model import ModelConfig, Transformer
 from model.errors import ConfigError, MoeforgeError
 from optim import OptimConfig, RoutingBiasUpdater, build_optimizer, build_schedule
 from train import checkpoint, rng
+from train.compile import compile_model
 from train.config import to_object
 from train.flops import FlopModel, doc_lengths, peak_flops
 from train.guard import SpikeGuard, Verdict
 from train.losses import IGNORE, cross_entropy, label_counts, lm_and_mtp_loss
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import apply_fp8, autocast, resolve_device, resolve_precision
-from train.compile import compile_model
 from train.recompute import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
