@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +37,7 @@ from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.parallel.env import detect_env, init_distributed
 from train.precision import resolve_device, resolve_precision
 from train.sft import section
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,10 @@ def train_student(cfg: DictConfig, run_dir: Path, plan: Placement | None) -> dic
                                                      for d, m in domains.items()})
 
 
-main = hydra_entry(run)
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

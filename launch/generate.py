@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from launch.launcher import launchers_in_config_store
 from model.errors import ConfigError, MoeforgeError
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 CONFIG_NAME = "moeforge_generate"
 STOP_TOKENS = ("<|end|>", "<|eos|>")
@@ -88,7 +89,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return write_summary(run_dir, summary)
 
 
-main = hydra_entry(run, CONFIG_NAME, config_path=None)
+@hydra.main(config_path=None, config_name=CONFIG_NAME, version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

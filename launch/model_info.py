@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from model import ModelConfig
 from model.info import count_parameters
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -27,7 +28,10 @@ def _fmt(value: int) -> str:
     return f"{value:>17,}" + (f"  ({value / 1e9:.1f}B)" if value >= 10**8 else "")
 
 
-main = hydra_entry(run)
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import random
 import time
 from pathlib import Path
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +36,7 @@ from train.config import to_object, validate
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import autocast, resolve_device, resolve_precision
 from train.sft import DomainConfig, section, stage_tokenizer
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "reward_curve.png"
@@ -328,7 +329,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return write_summary(run_dir, summary)
 
 
-main = hydra_entry(run)
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig
 
 from train.config import validate
@@ -13,7 +14,7 @@ from train.loop import Trainer
 from train.metrics import METRICS_FILE, summarize
 from train.parallel.trainer import make_trainer
 from train.plot import loss_curve
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "loss_curve.png"
@@ -49,7 +50,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return write_summary(run_dir, summary)
 
 
-main = hydra_entry(run)
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from model.errors import ConfigError
@@ -22,7 +23,7 @@ from train.config import to_object, validate
 from train.loop import Trainer
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.plot import loss_curve
-from train.summary import hydra_entry, write_summary
+from train.summary import hydra_run_dir, write_summary
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "loss_curve.png"
@@ -157,7 +158,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return write_summary(run_dir, summary)
 
 
-main = hydra_entry(run)
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (defined here: Hydra names the job and its log after this file)."""
+    run(cfg, hydra_run_dir())
 
 
 if __name__ == "__main__":

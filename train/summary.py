@@ -1,17 +1,16 @@
 """What every stage leaves last: `summary.json` in its run directory (written atomically, so a step that is
-killed never leaves half a summary for the pipeline to read), and the Hydra entry point that runs it."""
+killed never leaves half a summary for the pipeline to read). Each stage defines its own `@hydra.main`
+(Hydra names the job, and its log file, after the file that defines it) and reads its run directory with
+`hydra_run_dir()`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
 SUMMARY_FILE = "summary.json"
 log = logging.getLogger(__name__)
@@ -34,13 +33,6 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
 
 
-def hydra_entry(run: Callable[[DictConfig, Path], dict], config_name: str = "config",
-                config_path: str | None = "../configs") -> Callable[[], None]:
-    """The `main()` of a stage module: Hydra composes the config (`configs/` by default, or a structured
-    config registered as `config_name` when `config_path` is None) and `run` gets Hydra's run directory."""
-
-    @hydra.main(config_path=config_path, config_name=config_name, version_base=None)
-    def main(cfg: DictConfig) -> None:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-    return main
+def hydra_run_dir() -> Path:
+    """The run directory of the Hydra job running now (`hydra.run.dir`)."""
+    return Path(HydraConfig.get().runtime.output_dir)
