@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from train.summary import write_text_atomic
 
 MARKER = "DONE.json"
 
@@ -28,11 +29,7 @@ def checksum(path: str | Path | None) -> str | None:
 def write_marker(step_dir: Path, record: dict) -> Path:
     """Write ``record`` (+ the checksum of ``record['checkpoint']``) atomically as the step's marker."""
     record = dict(record, checksum=checksum(record.get("checkpoint")))
-    path = Path(step_dir) / MARKER
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(step_dir) / MARKER, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def read_marker(step_dir: Path) -> dict | None:

@@ -75,7 +75,10 @@ class HyperConnection(nn.Module):
 
 
 class HyperHead(nn.Module):
-    """Final collapse of the n streams into one with sigmoid weights (no Sinkhorn, no post)."""
+    """Final collapse of the n streams into one with sigmoid weights (no Sinkhorn, no post); `collapse_fn`
+    as `HyperConnection.pre_fn`."""
+
+    collapse_fn = staticmethod(hc_collapse)
 
     def __init__(self, hidden_size: int, n: int, hc_eps: float, norm_eps: float):
         super().__init__()
@@ -83,8 +86,6 @@ class HyperHead(nn.Module):
         self.fn = nn.Parameter(torch.empty(n, n * hidden_size, dtype=torch.float32))
         self.base = nn.Parameter(torch.empty(n, dtype=torch.float32))
         self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
-
-    collapse_fn = staticmethod(hc_collapse)
 
     def forward(self, streams_BSND: torch.Tensor) -> torch.Tensor:
         return self.collapse_fn(streams_BSND, self.fn, self.base, self.scale, self.hc_eps, self.norm_eps)

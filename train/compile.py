@@ -4,8 +4,6 @@
   mhc     the mHC mixing (norm, projection, sigmoids, Sinkhorn, the stream collapse; forward and backward
           each fused by Inductor), the write-back into the streams, the final collapse and every RMSNorm:
           dozens of small element-wise kernels per sublayer become a few.
-  blocks  each block's whole forward (graph breaks where the attention kernels, routing or the
-          expert grouping need them).
 
 The compiled functions are module-level (`model.mhc.hc_pre`, ...) and shared by every instance, so one
 compilation serves every layer of a shape (compiling each module's bound method would recompile per
@@ -20,7 +18,7 @@ from torch import nn
 from model.mhc import HyperConnection, HyperHead, hc_collapse, hc_post, hc_pre
 from model.norm import RMSNorm, weighted_rms_norm
 
-CHOICES = ("none", "mhc", "blocks")
+CHOICES = ("none", "mhc")
 
 
 def compile_model(model: nn.Module, what: str) -> nn.Module:
@@ -35,7 +33,4 @@ def compile_model(model: nn.Module, what: str) -> nn.Module:
                 m.collapse_fn = collapse
             elif isinstance(m, RMSNorm):
                 m.norm_fn = norm
-    elif what == "blocks":
-        for block in model.layers:
-            block.forward = torch.compile(block.forward, dynamic=False)
     return model

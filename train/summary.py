@@ -16,14 +16,21 @@ SUMMARY_FILE = "summary.json"
 log = logging.getLogger(__name__)
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write_summary(run_dir: Path, summary: dict, headline: dict | None = None) -> dict:
     """Write `summary` to `run_dir/summary.json` (temporary file, then rename); log `headline` (default:
     the summary's metrics) under the stage's name; return `summary`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    tmp.replace(run_dir / SUMMARY_FILE)
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n")
     shown = summary.get("metrics", {}) if headline is None else headline
     log.info("%s done: %s", summary.get("stage", "stage"), json.dumps(shown, default=str))
     return summary
