@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.norm import rms_norm
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -17,34 +16,46 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def normed_mix(streams_BSND, fn, norm_eps: float) -> torch.Tensor:
+    """F.linear(rms_norm(flattened streams), fn) in fp32, as linear(x, fn) / rms(x): the row scale is applied
+    to the few mixing logits instead of materialising the normalised [B, S, N*D] copy."""
+    flat = streams_BSND.flatten(2).float()
+    return F.linear(flat, fn.float()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+
+
+def weighted_sum(w_BSN: torch.Tensor, streams_BSND: torch.Tensor) -> torch.Tensor:
+    """sum_k w[k] X_k -> [B, S, D] in the streams' dtype: a batched [1, N] x [N, D] product in fp32 (never
+    under autocast, which would round the residual streams to bf16)."""
+    with torch.autocast(streams_BSND.device.type, enabled=False):
+        out = torch.matmul(w_BSN.float().unsqueeze(-2), streams_BSND.float()).squeeze(-2)
+    return out.to(streams_BSND.dtype)
+
+
 def hc_pre(streams_BSND, fn, base, scale, n: int, iters: int, hc_eps: float, norm_eps: float):
     """(collapsed input [B,S,D], post weights [B,S,N], residual mix R [B,S,N,N]) of one sublayer."""
-    flat = rms_norm(streams_BSND.flatten(2).float(), norm_eps)
-    mix = F.linear(flat, fn.float())
+    mix = normed_mix(streams_BSND, fn, norm_eps)
     pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, res_b = base.float().split([n, n, n * n])
     a_pre, a_post, a_res = scale.float().unbind(0)
     pre = torch.sigmoid(pre_w * a_pre + pre_b) + hc_eps
     post = 2 * torch.sigmoid(post_w * a_post + post_b)
     res = sinkhorn((res_w * a_res + res_b).unflatten(-1, (n, n)), iters, hc_eps)
-    collapsed = (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
-    return collapsed, post, res
+    return weighted_sum(pre, streams_BSND), post, res
 
 
 def hc_collapse(streams_BSND, fn, base, scale, hc_eps: float, norm_eps: float):
     """The final collapse of the streams into one [B,S,D] with sigmoid weights."""
-    flat = rms_norm(streams_BSND.flatten(2).float(), norm_eps)
-    mix = F.linear(flat, fn.float())
+    mix = normed_mix(streams_BSND, fn, norm_eps)
     pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+    return weighted_sum(pre, streams_BSND)
 
 
 def hc_post(y_BSD: torch.Tensor, streams_BSND: torch.Tensor, post: torch.Tensor, res: torch.Tensor):
     """X'_k = post_k * y + sum_j R[j,k] X_j (residual mix applied transposed, as in the official code)."""
     dtype = streams_BSND.dtype
-    return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + torch.matmul(
-        res.to(dtype).transpose(-1, -2), streams_BSND
-    )
+    with torch.autocast(streams_BSND.device.type, enabled=False):  # the residual stays in its dtype
+        mixed = torch.matmul(res.to(dtype).transpose(-1, -2), streams_BSND)
+    return post.to(dtype).unsqueeze(-1) * y_BSD.unsqueeze(-2) + mixed
 
 
 class HyperConnection(nn.Module):

@@ -339,10 +339,11 @@ class SparseAttention(torch.autograd.Function):
         ctx.save_for_backward(q, kv, cmp_t, idx_t, first_t, nvis_t, pos, sink, out, lse)
         comp_meta = (comp.shape, comp.dtype) if comp is not None else None
         ctx.meta = (scale, window, ent.mode, t, k, comp_meta, prec)
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out, _d_lse):
         q, kv, cmp_t, idx_t, first_t, nvis_t, pos, sink, out, lse = ctx.saved_tensors
         scale, window, mode, t, k, comp_meta, prec = ctx.meta
         b, s, h, c = q.shape
@@ -367,16 +368,20 @@ class SparseAttention(torch.autograd.Function):
 
 
 def sparse_attention(q_BSHC, kv_BSC, sink_H, pos_BS, window: int, scale: float,
-                     comp_BTC=None, idx_BSK=None, first_BS=None, nvis_BS=None) -> torch.Tensor:
+                     comp_BTC=None, idx_BSK=None, first_BS=None, nvis_BS=None, return_lse: bool = False):
     """Window + compressed-entry attention with the sink, K = V -> [B, S, H, C] (differentiable).
 
     Entries: `idx_BSK` (slots into comp, -1 = unused; CSA) or the range `first_BS`/`nvis_BS` (HCA);
     `comp_BTC=None` for sliding-only layers. `pos_BS` = doc-local positions (the window stops there).
+    `return_lse`: also the log-sum-exp [B, S, H] fp32 of each query's scaled logits, sink included (no grad).
     """
     check_device(q_BSHC, kv_BSC, comp_BTC)
     if interpreting() and q_BSHC.dtype != torch.float32:  # the interpreter mishandles bf16 memory
-        out = sparse_attention(q_BSHC.float(), kv_BSC.float(), sink_H, pos_BS, window, scale,
-                               comp_BTC.float() if comp_BTC is not None else None, idx_BSK, first_BS, nvis_BS)
-        return out.to(q_BSHC.dtype)
-    return SparseAttention.apply(q_BSHC, kv_BSC, comp_BTC, sink_H, pos_BS, idx_BSK, first_BS, nvis_BS,
-                                 float(scale), int(window))
+        out, lse = sparse_attention(q_BSHC.float(), kv_BSC.float(), sink_H, pos_BS, window, scale,
+                                    comp_BTC.float() if comp_BTC is not None else None, idx_BSK, first_BS,
+                                    nvis_BS, return_lse=True)
+        out = out.to(q_BSHC.dtype)
+    else:
+        out, lse = SparseAttention.apply(q_BSHC, kv_BSC, comp_BTC, sink_H, pos_BS, idx_BSK, first_BS, nvis_BS,
+                                         float(scale), int(window))
+    return (out, lse) if return_lse else out
