@@ -33,10 +33,13 @@ def newton_schulz(
     if tall:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])  # a batch of matrices: the scalings fold into the GEMMs (baddbmm)
     for a, b, c in coeffs:
-        gram = x @ x.mT
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
+    x = x.reshape(shape)
     if tall:
         x = x.mT
     return x.to(g.dtype)
