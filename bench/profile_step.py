@@ -26,11 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from bench.common import table, write_json  # noqa: E402
 from bench.train_step import OURS, Row, build_ours, make_batches, sync  # noqa: E402
 
+RANGES = ("part:", "ProfilerStep", "Optimizer.")  # annotations: their device time spans, not kernels
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PARTS = {  # module class name -> its range (ranges nest: attention's includes its compressor's, indexer's)
     "Transformer": "model", "Attention": "attention", "Compressor": "compressor", "Indexer": "indexer",
@@ -97,6 +99,11 @@ def self_device_time(evt) -> float:
     return 0.0
 
 
+def is_device_event(evt) -> bool:
+    """A kernel, copy or set (not the operator that launched it, whose self device time repeats it)."""
+    return getattr(evt, "device_type", None) == DeviceType.CUDA
+
+
 def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
     """Parts, top operators, device-busy share and host syncs of `steps` profiled steps."""
     averages = prof.key_averages()
@@ -111,12 +118,13 @@ def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
             syncs["item() / bool(tensor)"] += evt.count
     kernels = 0.0
     for evt in averages:
-        if evt.key.startswith("part:") or evt.key.startswith("ProfilerStep"):
+        if evt.key.startswith(RANGES):
             continue
         ops.append({"op": evt.key[:80], "calls": evt.count // steps,
                     "self_device_ms": self_device_time(evt) / 1e3 / steps,
                     "self_cpu_ms": evt.self_cpu_time_total / 1e3 / steps})
-        kernels += self_device_time(evt) / 1e3 / steps
+        if is_device_event(evt):  # the kernels, copies and sets themselves, counted once
+            kernels += self_device_time(evt) / 1e3 / steps
     ops.sort(key=lambda r: (-r["self_device_ms"], -r["self_cpu_ms"]))
     step_ms = 1e3 * wall_s / steps
     return {"step_ms": step_ms, "device_busy_ms": kernels, "device_busy_share": kernels / step_ms,
