@@ -16,6 +16,17 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def project(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """`sinkhorn`, on CUDA by the fused kernel (model/kernels/sinkhorn.py: one launch each way instead of
+    about 400 small ones per sublayer); the reference elsewhere and inside torch.compile (which fuses it)."""
+    n = logits.shape[-1]
+    if logits.is_cuda and n & (n - 1) == 0 and not torch.compiler.is_compiling():
+        from model.kernels.sinkhorn import fused_sinkhorn
+
+        return fused_sinkhorn(logits, iters, eps)
+    return sinkhorn(logits, iters, eps)
+
+
 def normed_mix(streams_BSND, fn, norm_eps: float) -> torch.Tensor:
     """F.linear(rms_norm(flattened streams), fn) in fp32, as linear(x, fn) / rms(x): the row scale is applied
     to the few mixing logits instead of materialising the normalised [B, S, N*D] copy."""
@@ -39,7 +50,7 @@ def hc_pre(streams_BSND, fn, base, scale, n: int, iters: int, hc_eps: float, nor
     a_pre, a_post, a_res = scale.float().unbind(0)
     pre = torch.sigmoid(pre_w * a_pre + pre_b) + hc_eps
     post = 2 * torch.sigmoid(post_w * a_post + post_b)
-    res = sinkhorn((res_w * a_res + res_b).unflatten(-1, (n, n)), iters, hc_eps)
+    res = project((res_w * a_res + res_b).unflatten(-1, (n, n)), iters, hc_eps)
     return weighted_sum(pre, streams_BSND), post, res
 
 
