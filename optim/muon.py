@@ -136,20 +136,27 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()  # parallelism applied after construction must not slip shards in
-        jobs = [(p, self._momentum(p, group), group)  # (weight, u, group)
-                for group in self.param_groups for p in group["params"] if p.grad is not None]
+        jobs = []  # (weight, u, group)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            jobs += zip(params, self._momentum(params, group), [group] * len(params))
         self._apply(jobs, self._updates(jobs))
         return loss
 
-    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """Update the momentum buffer with this step's gradient; returns U (Nesterov or plain)."""
-        g = _local(p.grad)
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor like p: checkpoints see it whole
-        buf = _local(state["momentum_buffer"])
-        buf.mul_(group["momentum"]).add_(g)
-        return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+    def _momentum(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """Update the group's momentum buffers with this step's gradients (one multi-tensor kernel per
+        operation); returns U of each parameter (Nesterov or plain)."""
+        if not params:
+            return []
+        grads, bufs = [_local(p.grad) for p in params], []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor like p: checkpoints see it whole
+            bufs.append(_local(state["momentum_buffer"]))
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
 
     def _updates(self, jobs: list) -> list[torch.Tensor]:
         """The orthogonalised update of each (weight, u, group) job."""
@@ -161,6 +168,13 @@ class Muon(torch.optim.Optimizer):
         return orthogonalize_many(specs) if self.batched else [orthogonalized_update(*s) for s in specs]
 
     def _apply(self, jobs: list, updates: list[torch.Tensor]) -> None:
+        """W <- W (1 - lr wd) - lr O, one multi-tensor kernel per operation and group."""
+        groups: dict[int, tuple[dict, list, list]] = {}
         for (p, _, group), o in zip(jobs, updates):
-            w, lr = _local(p), group["lr"]
-            w.mul_(1 - lr * group["weight_decay"]).add_(o.to(w.dtype), alpha=-lr)
+            w = _local(p)
+            _, ws, outs = groups.setdefault(id(group), (group, [], []))
+            ws.append(w)
+            outs.append(o.to(w.dtype))
+        for group, ws, outs in groups.values():
+            torch._foreach_mul_(ws, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(ws, outs, alpha=-group["lr"])
