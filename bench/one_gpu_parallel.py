@@ -12,49 +12,24 @@ gradient norm. Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import table, write_json  # noqa: E402
-
-KEYS = ("loss", "grad_norm", "mtp_loss", "balance_loss")
+from bench.stage_runs import compare, run_pretrain  # noqa: E402
 
 
 def run_stage(run_dir: Path, args, precision: str, parallel: bool) -> tuple[list[dict], float]:
-    cmd = [sys.executable, "-m", "train.pretrain", f"hydra.run.dir={run_dir}", f"model={args.model}",
-           f"precision={precision}", f"trainer.device={args.device}", f"trainer.max_steps={args.steps}",
-           f"trainer.seq_len={args.seq_len}", f"trainer.batch_size={args.batch_size}", "trainer.log_every=1",
-           "trainer.eval_every=0", "trainer.eval_batches=1", "checkpoint.every=0", "logger.progress=false",
-           "logger.wandb.mode=disabled", "trainer.spike.enabled=false", "optim.warmup_steps=2"]
-    if parallel:
-        cmd.append("parallel.dp=1")
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r and "step" in r], seconds
-
-
-def compare(plain: list[dict], par: list[dict]) -> dict:
-    assert [r["step"] for r in plain] == [r["step"] for r in par], "the two runs logged different steps"
-    worst = {}
-    for key in KEYS:
-        diffs = [abs(a[key] - b[key]) / max(abs(a[key]), 1e-12) for a, b in zip(plain, par)
-                 if a.get(key) is not None and b.get(key) is not None]
-        worst[key] = max(diffs) if diffs else None
-    return worst
+    overrides = [f"model={args.model}", f"precision={precision}", f"trainer.device={args.device}",
+                 f"trainer.max_steps={args.steps}", f"trainer.seq_len={args.seq_len}",
+                 f"trainer.batch_size={args.batch_size}", "trainer.log_every=1", "trainer.eval_every=0",
+                 "trainer.eval_batches=1", "checkpoint.every=0", "logger.progress=false",
+                 "logger.wandb.mode=disabled", "trainer.spike.enabled=false", "optim.warmup_steps=2"]
+    return run_pretrain(run_dir, overrides + (["parallel.dp=1"] if parallel else []))
 
 
 def main() -> None:

@@ -201,6 +201,8 @@ class Trainer:
         flops = self.flops.step_flops(lengths, sparse)
         record["tflops_per_s"] = flops / elapsed / 1e12
         record["mfu"] = flops / elapsed / self.peak if self.peak else None
+        if self.device.type == "cuda":  # this rank's peak since the run started (weights, state, activations)
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for k in ("mtp_loss", "balance_loss", "indexer_loss"):
             if k in sums:
                 record[k] = sums[k].item()
