@@ -7,7 +7,7 @@ With `--weak`, each GPU keeps the baseline's experts and tokens: experts scale w
 with its base experts, losses are not compared (different models), and the efficiency is tokens/s per GPU
 against the baseline's.
 
-    python bench/multi_gpu.py --layouts dp2,ep2,pp2,pp2:dualpipev --steps 10 --out bench/results/multi_gpu.json
+    python bench/multi_gpu.py --layouts dp2,ep2,pp2,pp2:dualpipev --steps 10 --out multi_gpu.json
     python bench/multi_gpu.py --weak --layouts ep2,ep4,ep8 --steps 20 --out bench/results/weak_scaling.json
     python bench/multi_gpu.py --device cpu --model v4-tiny --layouts dp2,ep2,pp2 --steps 3 --out /tmp/m.json
 
@@ -32,8 +32,8 @@ from bench.common import table, write_json  # noqa: E402
 from bench.stage_runs import compare, mean_after_first, run_pretrain  # noqa: E402
 from train.parallel.layout import SCHEDULES, Layout  # noqa: E402
 
-COLUMNS = ["layout", "gpus", "status", "steps", "final_loss", "max_rel_loss", "max_rel_grad_norm", "tokens_per_s",
-           "tokens_per_s_per_gpu", "efficiency", "mfu", "peak_mem_gib"]
+COLUMNS = ["layout", "gpus", "status", "steps", "final_loss", "max_rel_loss", "max_rel_grad_norm",
+           "tokens_per_s", "tokens_per_s_per_gpu", "efficiency", "mfu", "peak_mem_gib"]
 
 
 def parse_layout(text: str, microbatches: int = 1) -> Layout:
@@ -78,7 +78,8 @@ def baseline_split(args, layout: Layout) -> tuple[int, int]:
     return args.batch_size // micro, (1 if args.weak else layout.dp) * micro
 
 
-def summarise(name: str, gpus: int, records: list[dict], base: list[dict] | None, base_rate: float | None) -> dict:
+def summarise(name: str, gpus: int, records: list[dict], base: list[dict] | None,
+              base_rate: float | None) -> dict:
     rate = mean_after_first(records, "tokens_per_s")
     row = {"layout": name, "gpus": gpus, "status": "ok", "steps": len(records),
            "final_loss": records[-1]["loss"], "tokens_per_s": rate, "mfu": mean_after_first(records, "mfu"),
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name] = records
             except (RuntimeError, OSError) as err:  # a failed layout is recorded; the others still run
                 rows.append({"layout": name, "gpus": layout.world, "status": f"failed: {str(err)[-300:]}"})
-            write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "runs": runs})
+            record = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "runs": runs}
+            write_json(args.out, record)
     print(table(rows, COLUMNS))
 
 

@@ -31,8 +31,8 @@ def run_pretrain(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: f
                  "--master-port", str(free_port()), *stage]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *stage], cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONPATH": path},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *stage], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {}), "PYTHONPATH": path})
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(stage)} failed:\n{proc.stderr[-4000:]}")

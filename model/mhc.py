@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Row softmax + eps, one column normalisation, then (iters-1) x (row, column) normalisations."""
     m = torch.softmax(logits, dim=-1) + eps

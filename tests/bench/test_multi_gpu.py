@@ -11,8 +11,8 @@ from train.parallel.layout import Layout
 
 def test_layouts_match_the_single_process_run(tmp_path):
     out = tmp_path / "multi.json"
-    main(["--device", "cpu", "--model", "v4-tiny", "--precision", "fp32", "--layouts", "ep2,pp2", "--steps", "2",
-          "--seq-len", "32", "--batch-size", "2", "--microbatches", "2", "--out", str(out)])
+    main(["--device", "cpu", "--model", "v4-tiny", "--precision", "fp32", "--layouts", "ep2,pp2",
+          "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--microbatches", "2", "--out", str(out)])
     rows = {r["layout"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"single (2 x 2 rows)", "ep2", "single (2 x 1 rows)", "pp2"}
     for name in ("ep2", "pp2"):
