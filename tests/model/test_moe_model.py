@@ -164,3 +164,22 @@ def test_randomised_model_is_deterministic_for_a_batch_row():
     ids = torch.randint(0, 97, (3, 33))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits[1], model(ids[1:2]).logits[0], rtol=0, atol=1e-5)
+
+
+def test_mhc_keeps_the_residual_streams_in_fp32_under_bf16_autocast():
+    """The stream collapse and write-back are exact fp32 products of fp32 streams even inside a bf16 autocast
+    (a matmul under autocast once rounded every sublayer's residual streams to bf16)."""
+    from model.mhc import hc_post, weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    streams = torch.randn(2, 5, 4, 64, generator=g) * 3
+    w, res = torch.rand(2, 5, 4, generator=g), torch.rand(2, 5, 4, 4, generator=g)
+    post, y = torch.rand(2, 5, 4, generator=g), torch.randn(2, 5, 64, generator=g).bfloat16()
+    want_sum = (w.double().unsqueeze(-1) * streams.double()).sum(2)
+    want_post = post.double().unsqueeze(-1) * y.double().unsqueeze(-2) + torch.einsum(
+        "bsjk,bsjd->bskd", res.double(), streams.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_sum, got_post = weighted_sum(w, streams), hc_post(y, streams, post, res)
+    assert got_sum.dtype == got_post.dtype == torch.float32
+    torch.testing.assert_close(got_sum.double(), want_sum, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_post.double(), want_post, rtol=1e-6, atol=1e-5)
