@@ -6,7 +6,9 @@
 
 The forward of every attention, compressor, indexer, MoE (router, routed and shared experts), mHC, norm and
 the whole model runs inside a `record_function` range named after the part (nested; backward is not split);
-the output lists each part's forward device time per step, then the top operators by self device time, the
+the output lists each part's forward device time per step, the kernel launches per step by phase and part
+(a backward kernel counts for the part whose forward op made its autograd node; the CPU counts leaf aten
+calls instead: where launch overhead goes), then the top operators by self device time, the
 device-busy share of the wall time (the sum of kernel times over the wall time: low means launch or host
 bound) and the number of host synchronisations (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `.item()`).
 JSON (`--out`) holds all of it; `--trace` also writes the Chrome trace.
@@ -104,6 +106,52 @@ def is_device_event(evt) -> bool:
     return getattr(evt, "device_type", None) == DeviceType.CUDA
 
 
+def _phase(evt, backward_part: dict) -> tuple[str, str]:
+    """(phase, part) of an operator: optimizer, backward (the part of the forward op it differentiates),
+    forward (its innermost part range) or other."""
+    part, node = None, None
+    while evt is not None:
+        if evt.name.startswith("Optimizer.step"):
+            return "optimizer", ""
+        if node is None and evt.name.startswith("autograd::engine::evaluate_function"):
+            node = evt
+        if part is None and evt.name.startswith("part:"):
+            part = evt.name[5:]
+        evt = evt.cpu_parent
+    if node is not None:
+        return "backward", backward_part.get(node.id, "other")
+    return ("forward", part) if part else ("other", "")
+
+
+def launches_by_part(events, steps: int, cuda: bool) -> dict:
+    """Kernel launches per step by phase and model part (on the CPU, leaf aten calls stand in for them): what
+    launch overhead each part costs. A backward kernel counts for the part whose forward op made its node."""
+    forward_part, backward_part = {}, {}  # (thread, sequence number) of a forward op -> its part
+    for evt in events:
+        if evt.sequence_nr >= 0 and not evt.fwd_thread:  # a forward op (backward ones name their fwd_thread)
+            phase, part = _phase(evt, {})
+            if phase == "forward":
+                forward_part.setdefault((evt.thread, evt.sequence_nr), part)
+    for evt in events:
+        if evt.name.startswith("autograd::engine::evaluate_function") and evt.sequence_nr >= 0:
+            backward_part[evt.id] = forward_part.get((evt.fwd_thread, evt.sequence_nr), "other")
+    out = {"forward": defaultdict(float), "backward": defaultdict(float), "optimizer": 0.0, "other": 0.0}
+    for evt in events:
+        n = len(evt.kernels) if cuda else float(not evt.cpu_children and evt.name.startswith("aten::"))
+        if not n:
+            continue
+        phase, part = _phase(evt, backward_part)
+        if phase in ("forward", "backward"):
+            out[phase][part] += n / steps
+        else:
+            out[phase] += n / steps
+    out["forward"], out["backward"] = (dict(sorted(out[k].items(), key=lambda kv: -kv[1]))
+                                       for k in ("forward", "backward"))
+    parts = sum(out["forward"].values()) + sum(out["backward"].values())
+    out["total"] = parts + out["optimizer"] + out["other"]
+    return out
+
+
 def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
     """Parts, top operators, device-busy share and host syncs of `steps` profiled steps."""
     averages = prof.key_averages()
@@ -127,7 +175,9 @@ def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
             kernels += self_device_time(evt) / 1e3 / steps
     ops.sort(key=lambda r: (-r["self_device_ms"], -r["self_cpu_ms"]))
     step_ms = 1e3 * wall_s / steps
+    cuda = any(is_device_event(evt) for evt in averages)
     return {"step_ms": step_ms, "device_busy_ms": kernels, "device_busy_share": kernels / step_ms,
+            "launches_per_step": launches_by_part(prof.events(), steps, cuda),
             "parts_forward_ms": dict(parts), "host_syncs_per_step": {k: v / steps for k, v in syncs.items()},
             "top_ops": ops[:top]}
 
@@ -181,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
           f"({100 * summary['device_busy_share']:.0f}%), host syncs/step {summary['host_syncs_per_step']}")
     parts = {k: round(v, 2) for k, v in summary["parts_forward_ms"].items()}
     print("forward time per part (ms/step):", parts)
+    launches = summary["launches_per_step"]
+    print(f"launches per step {launches['total']:.0f} (kernels; leaf aten calls on CPU): "
+          f"optimizer {launches['optimizer']:.0f}, other {launches['other']:.0f}")
+    for phase in ("forward", "backward"):
+        print(f"  {phase}:", {k: round(v) for k, v in launches[phase].items()})
     print(table(summary["top_ops"], ["op", "calls", "self_device_ms", "self_cpu_ms"]))
 
 

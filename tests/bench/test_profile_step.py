@@ -24,3 +24,8 @@ def test_tiny_profile_names_the_parts_and_counts_host_syncs(tmp_path):
     assert len(data["top_ops"]) == 7 and data["step_ms"] > 0
     assert data["host_syncs_per_step"]["item() / bool(tensor)"] >= 1  # the loss and the grad norm at least
     assert data["row"]["seq"] == 64 and "step" in proc.stdout
+    launches = data["launches_per_step"]  # leaf aten calls on the CPU, by phase and part
+    assert launches["forward"]["mhc"] > 0 and launches["backward"]["mhc"] > 0 and launches["optimizer"] > 0
+    assert launches["backward"]["attention"] > launches["backward"].get("other", 0)  # nodes map to parts
+    parts = sum(launches["forward"].values()) + sum(launches["backward"].values())
+    assert launches["total"] == parts + launches["optimizer"] + launches["other"]
