@@ -31,9 +31,13 @@ sys.path.insert(0, str(ROOT))
 from bench.common import table, write_json  # noqa: E402
 from bench.stage_runs import compare, mean_after_first, run_pretrain  # noqa: E402
 from train.parallel.layout import SCHEDULES, Layout  # noqa: E402
+from train.step_profile import read_profiles  # noqa: E402
 
 COLUMNS = ["layout", "gpus", "status", "steps", "final_loss", "max_rel_loss", "max_rel_grad_norm",
-           "tokens_per_s", "tokens_per_s_per_gpu", "efficiency", "mfu", "peak_mem_gib"]
+           "tokens_per_s", "tokens_per_s_per_gpu", "efficiency", "mfu", "peak_mem_gib", "all_to_all_share",
+           "p2p_share", "other_collective_share", "bubble_share"]
+SHARES = {"all_to_all_share": "all_to_all", "p2p_share": "p2p", "other_collective_share": "other_collective",
+          "bubble_share": "pipeline_bubble"}
 
 
 def parse_layout(text: str, microbatches: int = 1) -> Layout:
@@ -60,6 +64,9 @@ def common_overrides(args, ep: int) -> list[str]:
             "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1", "checkpoint.every=0",
             "logger.progress=false", "logger.wandb.mode=disabled", "trainer.spike.enabled=false",
             "optim.warmup_steps=2", *args.override]
+    if args.profile_steps:  # the last steps, under torch.profiler (train/step_profile.py)
+        over += [f"trainer.profile.steps={args.profile_steps}",
+                 f"trainer.profile.first_step={max(2, args.steps - args.profile_steps + 1)}"]
     if args.weak and ep > 1:
         over.append(f"model.n_routed_experts={args.base_experts * ep}")
     return over
@@ -76,6 +83,17 @@ def baseline_split(args, layout: Layout) -> tuple[int, int]:
     layout splits it (or, `--weak`, one GPU's share: the rows of one data rank)."""
     micro = layout.microbatches
     return args.batch_size // micro, (1 if args.weak else layout.dp) * micro
+
+
+def profile_shares(run_dir: Path) -> dict:
+    """Mean over ranks of each rank's share of step time in all-to-all, p2p, other collectives and the
+    pipeline bubble (the profiled steps of `trainer.profile`), with the per-rank records."""
+    ranks = read_profiles(run_dir)
+    out = {"profile": ranks}
+    for column, key in SHARES.items():
+        values = [r["share"][key] for r in ranks if r["share"].get(key) is not None]
+        out[column] = sum(values) / len(values) if values else None
+    return out
 
 
 def summarise(name: str, gpus: int, records: list[dict], base: list[dict] | None,
@@ -107,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weak", action="store_true", help="weak scaling: experts x ep, global batch x dp")
     p.add_argument("--base-experts", type=int, default=32, help="experts per GPU under --weak")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="profile this many last steps of each run: time shares of all-to-all, p2p, bubble")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -129,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
                     runs[single] = baselines[key]
                 base = baselines[key]
                 over = common_overrides(args, layout.ep) + layout_overrides(args, layout)
-                records = run_pretrain(Path(tmp) / f"layout-{i}", over, layout.world, args.timeout, env)[0]
+                run_dir = Path(tmp) / f"layout-{i}"
+                records = run_pretrain(run_dir, over, layout.world, args.timeout, env)[0]
                 rate = mean_after_first(base, "tokens_per_s")
                 rows.append(summarise(name, layout.world, records, None if args.weak else base, rate))
+                rows[-1].update(profile_shares(run_dir))
                 runs[name] = records
             except (RuntimeError, OSError) as err:  # a failed layout is recorded; the others still run
                 rows.append({"layout": name, "gpus": layout.world, "status": f"failed: {str(err)[-300:]}"})

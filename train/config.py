@@ -19,6 +19,7 @@ from model.errors import ConfigError
 from train.compile import CHOICES as COMPILE_CHOICES
 from train.parallel.deepspeed.options import check_engine
 from train.parallel.layout import SCHEDULES
+from train.step_profile import ProfileConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8", "fp8_rowwise", "fp8+fp4_experts")  # train.fp8 runs the fp8 ones
 PP_SCHEDULES = tuple(SCHEDULES)
@@ -56,6 +57,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     peak_tflops: float | None = None  # peak of the device for MFU where it is not known (CPU)
     spike: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # train/step_profile.py
 
 
 @dataclass
@@ -197,7 +199,7 @@ def _check_train(cfg: DictConfig) -> None:
     for name, low in (("max_steps", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1),
                       ("eval_every", 0), ("eval_batches", 1), ("log_every", 1), ("sparse_from_step", 0),
                       ("indexer_warmup_steps", 0), ("spike.warmup_steps", 0), ("spike.max_bad_steps", 1),
-                      ("spike.max_rollbacks", 0)):
+                      ("spike.max_rollbacks", 0), ("profile.steps", 0), ("profile.first_step", 1)):
         _check_int(f"trainer.{name}", OmegaConf.select(t, name), low)
     limit = cfg.model.get("max_position_embeddings")
     if limit is not None and t.seq_len > limit:

@@ -29,6 +29,7 @@ from train.losses import IGNORE, cross_entropy, label_counts, lm_and_mtp_loss
 from train.metrics import METRICS_FILE, MetricsLogger, read_jsonl
 from train.precision import apply_fp8, autocast, resolve_device, resolve_precision
 from train.recompute import enable_activation_checkpointing
+from train.step_profile import StepProfiler
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -258,8 +259,10 @@ class Trainer:
         t, every = self.t, self.cfg.checkpoint.every
         if self.step == 0:
             metrics.log({"step": 0, **(first or {}), **self.eval_metrics()}, advance=False)
+        profiler = StepProfiler(t.profile, self.run_dir, self.device)
         while self.step < t.max_steps:
-            record = self.train_step()
+            with profiler.step(self.step + 1):
+                record = self.train_step()
             if "rolled_back_to" in record:
                 metrics.rewind(self.step)
                 continue
@@ -269,6 +272,7 @@ class Trainer:
             metrics.log(record)
             if done or (every and self.step % every == 0):
                 self.save()
+        profiler.finish()
 
     def train(self, first: dict | None = None) -> list[dict]:
         """The whole stage's training: `start` (resume / init / fresh), `fit` with metrics to the run

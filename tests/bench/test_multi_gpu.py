@@ -18,6 +18,14 @@ def test_layouts_match_the_single_process_run(tmp_path):
     for name in ("ep2", "pp2"):
         assert rows[name]["status"] == "ok" and rows[name]["steps"] == 2, rows[name]
         assert rows[name]["max_rel_loss"] < 1e-4 and rows[name]["gpus"] == 2, rows[name]
+        # the last step was profiled on every rank (trainer.profile): expert dispatch shows as all-to-all,
+        # pipeline transfers as point-to-point, each as a share of the step
+        assert [r["profiled_steps"] for r in rows[name]["profile"]] == [[2], [2]], rows[name]["profile"]
+    assert rows["ep2"]["all_to_all_share"] > 0 and rows["ep2"]["p2p_share"] == 0, rows["ep2"]
+    # (pp2's ep=1 dispatch still calls all_to_all_single, on a group of one)
+    assert rows["pp2"]["p2p_share"] > 10 * rows["pp2"]["all_to_all_share"], rows["pp2"]
+    for name in ("ep2", "pp2"):
+        assert 0 < rows[name]["other_collective_share"] < 1 and rows[name]["bubble_share"] < 1, rows[name]
 
 
 def test_layout_grammar():

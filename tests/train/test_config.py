@@ -11,8 +11,10 @@ from train.config import CheckpointConfig, LoggerConfig, ParallelConfig, Trainer
 
 def test_defaults_validate_and_fill_every_key(compose_cfg):
     cfg = validate(compose_cfg())
-    assert to_object(cfg, "trainer") == TrainerConfig(**{**dataclasses.asdict(TrainerConfig()),
-                                                         "spike": to_object(cfg, "trainer").spike})
+    t = to_object(cfg, "trainer")
+    nested = {"spike": t.spike, "profile": t.profile}  # asdict flattens these to dicts
+    assert t == TrainerConfig(**{**dataclasses.asdict(TrainerConfig()), **nested})
+    assert t.spike == TrainerConfig().spike and t.profile == TrainerConfig().profile
     assert cfg.precision.name == "auto" and cfg.stage == "pretrain" and cfg.resume == "auto"
 
 
