@@ -12,7 +12,7 @@ import triton.language as tl
 
 from model.errors import MoeforgeError
 
-from .runtime import GROUP, cdiv, check_kernel_inputs
+from .runtime import GROUP, cdiv, check_kernel_inputs, interpreting
 
 
 @triton.jit
@@ -25,13 +25,70 @@ def scaled_step(acc, a, b, sa, sb, SB_SCALAR: tl.constexpr):
 
 
 @triton.jit
+def load_step(a_ptrs, b_ptrs, rk, K, kb, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Step ``kb``'s A and B tiles (pointers already advanced to it)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[None, :] < K - kb * BK, other=0.0)
+    return a, b
+
+
+@triton.jit
+def promote(acc, p, sa, sb, SB_SCALAR: tl.constexpr):
+    """acc + p * scales of one K step (sb a scalar or a vector over N)."""
+    if SB_SCALAR:
+        acc = acc + p * (sa * sb)[:, None]
+    else:
+        acc = acc + p * (sa[:, None] * sb[None, :])
+    return acc
+
+
+@triton.jit
+def carried_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K, BK: tl.constexpr,
+                 SB_SCALAR: tl.constexpr, EVEN_K: tl.constexpr, WS: tl.constexpr):
+    """K loop with the product carried one iteration: step kb's dot is issued into a fresh accumulator
+    before step kb-1's product is promoted, so an asynchronous wgmma may overlap the promotion."""
+    rk = tl.arange(0, BK)
+    nk = tl.cdiv(K, BK)
+    a, b = load_step(a_ptrs, b_ptrs, rk, K, 0, BK, EVEN_K)
+    p = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+    sa = tl.load(sa_ptrs)
+    sb = tl.load(sb_ptrs)
+    for kb in tl.range(1, nk, warp_specialize=WS):
+        a, b = load_step(a_ptrs + kb * BK, b_ptrs + kb * BK, rk, K, kb, BK, EVEN_K)
+        q = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+        acc = promote(acc, p, sa, sb, SB_SCALAR)
+        p = q
+        sa = tl.load(sa_ptrs + kb * s_sak)
+        sb = tl.load(sb_ptrs + kb * s_sbk)
+    return promote(acc, p, sa, sb, SB_SCALAR)
+
+
+@triton.jit
 def mainloop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SB_SCALAR: tl.constexpr,
-             EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr = False):
+             EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr = False,
+             CARRY: tl.constexpr = False):
     """The K loop shared by the dense and the grouped kernel: returns the fp32 accumulator.
-    SPLIT=2 issues two FP8 products before promoting either; WS asks Triton to warp-specialise the loop."""
-    rk = tl.arange(0, BK)
+    SPLIT=2 issues two FP8 products before promoting either; WS asks Triton to warp-specialise the loop;
+    CARRY issues step k+1's product before promoting step k's (carried across iterations)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if CARRY:
+        acc = carried_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K, BK, SB_SCALAR, EVEN_K, WS)
+    else:
+        acc = split_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K, BK, SB_SCALAR, EVEN_K, SPLIT,
+                         WS)
+    return acc
+
+
+@triton.jit
+def split_loop(acc, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, s_sak, s_sbk, K, BK: tl.constexpr,
+               SB_SCALAR: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr):
+    """K loop promoting each step's product (SPLIT=1) or each pair of products (SPLIT=2) as it comes."""
+    rk = tl.arange(0, BK)
     nk = tl.cdiv(K, BK)
     for kb in tl.range(0, nk, SPLIT, warp_specialize=WS):
         if EVEN_K:
@@ -78,7 +135,8 @@ def b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK: tl.constexpr, BN: tl.constex
 def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
                s_am, s_bn, s_cm, s_sam, s_sak, s_sbn, s_sbk,
                B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr):
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
+               CARRY: tl.constexpr):
     """Compute and store output tile number ``tile`` (grouped ordering for L2 reuse)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -94,7 +152,7 @@ def _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
     b_ptrs = b_ptr + rn[:, None].to(tl.int64) * s_bn + rk[None, :]
     sb_ptrs = b_scale_ptrs(sb_ptr, pid_n, rn, s_sbn, B_BLOCK, BN)
     acc = mainloop(a_ptrs, b_ptrs, sa_ptr + rm * s_sam, sb_ptrs, s_sak, s_sbk, K, BM, BN, BK,
-                   B_BLOCK and BN <= 128, EVEN_K, SPLIT, WS)
+                   B_BLOCK and BN <= 128, EVEN_K, SPLIT, WS, CARRY)
     cm = pid_m * BM + tl.arange(0, BM)
     cn = pid_n * BN + tl.arange(0, BN)
     c_ptrs = c_ptr + cm[:, None].to(tl.int64) * s_cm + cn[None, :]
@@ -106,21 +164,22 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
                      s_am, s_bn, s_cm, s_sam, s_sak, s_sbn, s_sbk,
                      B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                     PERSISTENT: tl.constexpr, WS: tl.constexpr):
+                     PERSISTENT: tl.constexpr, WS: tl.constexpr, CARRY: tl.constexpr):
     """One tile per program, or (PERSISTENT) a fixed grid of programs striding over all tiles."""
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _gemm_tile(tile, a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm, s_sam, s_sak,
-                       s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS)
+                       s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS, CARRY)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm,
-                   s_sam, s_sak, s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS)
+                   s_sam, s_sak, s_sbn, s_sbk, B_BLOCK, BM, BN, BK, GROUP_M, EVEN_K, SPLIT, WS, CARRY)
 
 
 # Default launch configuration (H200 measurements in docs/benchmarks.md); interpreter uses small tiles.
+# GLUON: hand 128x128-block products on sm_90 to the Gluon kernel (gemm_gluon.py) where it applies.
 CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4, "PERSISTENT": 0,
-          "WS": 0}
+          "WS": 0, "CARRY": 0, "GLUON": 0}
 
 
 def _num_programs(tiles: int, persistent: int, device: torch.device) -> int:
@@ -149,11 +208,18 @@ def _check(a, sa, b, sb, b_block):
 def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, *,
              out_dtype: torch.dtype = torch.bfloat16, b_block: bool = True, config: dict | None = None):
     """a [M, K] e4m3 with sa [M, K/128] times b [N, K] e4m3 with sb [N/128, K/128] (``b_block``) or
-    [N, K/128] -> [M, N] in ``out_dtype``, accumulated in fp32."""
+    [N, K/128] -> [M, N] in ``out_dtype``, accumulated in fp32. With ``GLUON`` set (``config`` or CONFIG),
+    block-scaled products on an sm_90 GPU run the Gluon kernel where ``gemm_gluon.gluon_supported``;
+    everything else (row-scaled B, other GPUs, the interpreter) runs the Triton kernel below."""
     _check(a, sa, b, sb, b_block)
     m, k = a.shape
     n = b.shape[0]
     cfg = dict(CONFIG, **(config or {}))
+    if cfg["GLUON"] and b_block and a.is_cuda and not interpreting():
+        from . import gemm_gluon
+
+        if gemm_gluon.gluon_supported(a, b, out_dtype):
+            return gemm_gluon.fp8_gemm_gluon(a, sa, b, sb, out_dtype=out_dtype)
     even_k = k % GROUP == 0
     nk = cdiv(k, GROUP)
     split = cfg["SPLIT"] if even_k and nk % cfg["SPLIT"] == 0 else 1
@@ -164,7 +230,7 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
     _fp8_gemm_kernel[grid](
         a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0), *sa.stride(), *sb.stride(),
         B_BLOCK=b_block, BM=cfg["BM"], BN=cfg["BN"], BK=GROUP, GROUP_M=cfg["GROUP_M"], EVEN_K=even_k,
-        SPLIT=split, PERSISTENT=bool(cfg["PERSISTENT"]), WS=bool(cfg["WS"]), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        SPLIT=split, PERSISTENT=bool(cfg["PERSISTENT"]), WS=bool(cfg["WS"]), CARRY=bool(cfg["CARRY"]),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return c

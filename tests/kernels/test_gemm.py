@@ -10,8 +10,9 @@ from tests.kernels.helpers import assert_gemm_close, gemm_bound, pick, randn, re
 
 SHAPES = pick([(70, 200, 300), (64, 128, 512)], [(4096, 4096, 7168), (8192, 2048, 4096)])
 CONFIGS = pick([{"BM": 32, "BN": 64}, {"BM": 64, "BN": 256, "SPLIT": 2},
-                {"BM": 32, "BN": 32, "PERSISTENT": 1}],
-               [{}, {"SPLIT": 2, "num_stages": 3}, {"BM": 64, "num_warps": 4}, {"PERSISTENT": 1}])
+                {"BM": 32, "BN": 32, "PERSISTENT": 1}, {"BM": 32, "BN": 64, "CARRY": 1}],
+               [{}, {"SPLIT": 2, "num_stages": 3, "GLUON": 0}, {"BM": 64, "num_warps": 4, "GLUON": 0},
+                {"PERSISTENT": 1, "GLUON": 0}, {"CARRY": 1, "GLUON": 0}, {"GLUON": 0}])
 
 
 def operands(m, n, k, b_block=True, seed=0):
@@ -30,10 +31,11 @@ def test_block_scaled_gemm_matches_reference(shape, cfg):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_row_scaled_b_matches_reference(shape):
+@pytest.mark.parametrize("carry", [0, 1])
+def test_row_scaled_b_matches_reference(shape, carry):
     """The weight-gradient form: both operands in 1x128 groups along the contraction axis."""
     _, _, a, sa, b, sb = operands(*shape, b_block=False, seed=3)
-    c = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, b_block=False, config=CONFIGS[0])
+    c = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, b_block=False, config=dict(CONFIGS[0], CARRY=carry))
     assert_gemm_close(c, gemm_ref.fp8_gemm_ref(a, sa, b, sb, out_dtype=torch.float32, b_block=False))
 
 
