@@ -2,16 +2,21 @@
 (row-wise) on the linear-layer shapes of v4-small and v4-flash and on 8192^3, and our block-scaled grouped
 GEMM vs the BF16 torch._grouped_mm at v4-flash expert shapes; all in one run, on one CUDA device.
 
-    python bench/fp8.py [--tokens 8192] [--variants] [--out bench/results/fp8.json]
+    python bench/fp8.py [--tokens 8192] [--variants] [--select REGEX] [--out bench/results/fp8.json]
 
 Operands are quantised once outside the timed region ("gemm" columns); "+quant" also times the 1x128
 activation quantisation that a training step pays per product. TFLOP/s = 2 M N K / median time
-(triton.testing.do_bench, L2 flushed between runs). ``--variants`` also times every kernel configuration
-listed in VARIANTS (docs/benchmarks.md records what each changed). The table is printed last.
+(triton.testing.do_bench, L2 flushed between runs). "ours" is ``fp8_gemm`` as configured (gemm.CONFIG);
+on an sm_90 GPU the dense rows also time the two kernels separately: "triton" (the Triton GEMM) and
+"gluon" (the Gluon kernel, gemm_gluon.py). ``--variants`` also times every kernel configuration listed in
+VARIANTS (docs/benchmarks.md records what each changed), ``--select`` keeps those whose name matches. The
+table is printed last.
 """
 
 import argparse
+import re
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import table, write_json  # noqa: E402
 from model.kernels import fp8  # noqa: E402
+from model.kernels.gemm_gluon import fp8_gemm_gluon, gluon_supported  # noqa: E402
 from model.kernels.rowwise import quantize_rowwise  # noqa: E402
 
 # Kernel configurations of the dense GEMM tried at 8192^3 (name, config overrides of gemm.CONFIG).
@@ -44,6 +50,16 @@ VARIANTS = [
     ("v16 warp-specialised 128x128 w8 s4", {"WS": 1}),
     ("v17 persistent warp-specialised w8 s4", {"PERSISTENT": 1, "WS": 1}),
     ("v18 128x128 w8 s4 GROUP_M=16", {"GROUP_M": 16}),
+    ("v19 carried product 128x128 w8 s4", {"CARRY": 1}),
+    # Gluon kernels (gemm_gluon.CONFIG overrides under "gluon"): carried product (wgmma wait(1)) or not,
+    # one partition (8 warps load and multiply) or warp-specialised (2 consumer warpgroups + TMA warp)
+    ("v20 gluon carry 128x128 w8 s4", {"gluon": {}}),
+    ("v21 gluon no-carry 128x128 w8 s4", {"gluon": {"CARRY": 0}}),
+    ("v22 gluon carry warp-specialised s4", {"gluon": {"WS": 1}}),
+    ("v23 gluon no-carry warp-specialised s4", {"gluon": {"WS": 1, "CARRY": 0}}),
+    ("v24 gluon carry warp-specialised s5", {"gluon": {"WS": 1, "STAGES": 5}}),
+    ("v25 gluon carry 128x128 w8 s5", {"gluon": {"STAGES": 5}}),
+    ("v26 gluon carry 64x128 w4 s3", {"gluon": {"BM": 64, "STAGES": 3}}),
 ]
 GROUPED_VARIANTS = [
     ("g1 128x128 w8 s4", {}),
@@ -54,6 +70,9 @@ GROUPED_VARIANTS = [
     ("g6 128x64 w4 s4", {"BN": 64, "num_warps": 4}),
     ("g7 warp-specialised w8 s4", {"WS": 1}),
 ]
+# Triton variants time the Triton kernel whatever gemm.CONFIG["GLUON"] says
+TRITON = {"GLUON": 0}
+GLUON = True  # --no-gluon: leave the Gluon kernel out
 
 
 def model_shapes(name: str, tokens: int) -> list[tuple[str, int, int, int]]:
@@ -80,7 +99,16 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def dense_row(label, m, n, k, config=None):
+def gemm_fn(config):
+    """The dense GEMM a variant times: fp8_gemm with ``config``, or the Gluon kernel (config["gluon"])."""
+    if config and "gluon" in config:
+        return lambda a, sa, b, sb: fp8_gemm_gluon(a, sa, b, sb, config=config["gluon"])
+    return lambda a, sa, b, sb: fp8.fp8_gemm(a, sa, b, sb, config=config)
+
+
+def dense_row(label, m, n, k, config=None, kernels=False):
+    """One dense shape: BF16, row-wise FP8, ours (and ours+quant); ``kernels`` adds the Triton and the
+    Gluon kernel's own columns."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     a, sa = fp8.quantize_act(x)
@@ -88,14 +116,24 @@ def dense_row(label, m, n, k, config=None):
     (ra, rsa), (rb, rsb) = quantize_rowwise(x), quantize_rowwise(w)
     flop = 2.0 * m * n * k
     ref = x @ w.t()
-    ours = fp8.fp8_gemm(a, sa, b, sb, config=config)
+    gemm = gemm_fn(config)
+    ours = gemm(a, sa, b, sb)
     row = {"shape": label, "M": m, "N": n, "K": k, "err_vs_bf16": rel_err(ours, ref)}
     row["bf16"] = tflops(flop, lambda: x @ w.t())
     row["rowwise"] = tflops(flop, lambda: torch._scaled_mm(ra, rb.t(), scale_a=rsa, scale_b=rsb.t(),
                                                           out_dtype=torch.bfloat16))
-    row["ours"] = tflops(flop, lambda: fp8.fp8_gemm(a, sa, b, sb, config=config))
-    row["ours+quant"] = tflops(flop, lambda: fp8.fp8_gemm(*fp8.quantize_act(x), b, sb, config=config))
+    row["ours"] = tflops(flop, lambda: gemm(a, sa, b, sb))
+    row["ours+quant"] = tflops(flop, lambda: gemm(*fp8.quantize_act(x), b, sb))
     row["ours/bf16"] = row["ours"] / row["bf16"]
+    if kernels:
+        triton_gemm = gemm_fn(TRITON)
+        row["triton"] = tflops(flop, lambda: triton_gemm(a, sa, b, sb))
+        row["triton/bf16"] = row["triton"] / row["bf16"]
+        if GLUON and gluon_supported(a, b):
+            out = fp8_gemm_gluon(a, sa, b, sb)
+            row["gluon_err_vs_triton"] = rel_err(out, triton_gemm(a, sa, b, sb))
+            row["gluon"] = tflops(flop, lambda: fp8_gemm_gluon(a, sa, b, sb))
+            row["gluon/bf16"] = row["gluon"] / row["bf16"]
     return row
 
 
@@ -132,9 +170,12 @@ def grouped_row(label, rows, experts, n, k, config=None):
 
 def safe(fn, *args, **kw):
     try:
-        return fn(*args, **kw)
+        row = fn(*args, **kw)
     except Exception as e:  # a variant that does not compile is a result too
-        return {"shape": args[0], "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        traceback.print_exc()
+        row = {"shape": args[0], "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print({c: round(v, 4) if isinstance(v, float) else v for c, v in row.items()}, flush=True)
+    return row
 
 
 def main() -> None:
@@ -142,34 +183,57 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192, help="M of the dense layer shapes")
     p.add_argument("--ep", type=int, default=8, help="expert-parallel degree: local experts = E / ep")
     p.add_argument("--variants", action="store_true", help="also time every kernel configuration")
+    p.add_argument("--select", default="", help="with --variants: only the variants whose name matches")
+    p.add_argument("--skip", default="", help="with --variants: leave out the variants whose name matches")
+    p.add_argument("--rows", default="", help="only the table's shapes whose name matches")
+    p.add_argument("--no-gluon", action="store_true", help="leave out the Gluon kernel (columns, variants)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fp8.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/fp8.py needs a CUDA device")
     torch.manual_seed(0)
-    dense = [safe(dense_row, "8192^3", 8192, 8192, 8192)]
+    global GLUON
+    GLUON = not args.no_gluon
+    rows_re = re.compile(args.rows)
+
+    def save(dense, grouped, variants):  # after every section: a run cut short keeps what it measured
+        write_json(args.out, {"command": " ".join(sys.argv), "dense": dense, "grouped": grouped,
+                              "variants": variants})
+
+    shapes = [("8192^3", 8192, 8192, 8192)]
     for model in ("v4-small", "v4-flash"):
-        dense += [safe(dense_row, *s) for s in model_shapes(model, args.tokens)]
+        shapes += model_shapes(model, args.tokens)
+    dense = [safe(dense_row, *s, kernels=True) for s in shapes if rows_re.search(s[0])]
+    save(dense, [], [])
     flash = yaml.safe_load((ROOT / "configs" / "model" / "v4-flash.yaml").read_text())
     experts = flash["n_routed_experts"] // args.ep
     rows = args.tokens * flash["num_experts_per_tok"]
     d, inter = flash["hidden_size"], flash["moe_intermediate_size"]
-    grouped = [safe(grouped_row, "v4-flash experts w1/w3", rows, experts, inter, d),
-               safe(grouped_row, "v4-flash experts w2", rows, experts, d, inter)]
+    grouped = [safe(grouped_row, *g) for g in [("v4-flash experts w1/w3", rows, experts, inter, d),
+                                                ("v4-flash experts w2", rows, experts, d, inter)]
+               if rows_re.search(g[0])]
     variants = []
     if args.variants:
-        variants += [dict(safe(dense_row, "8192^3", 8192, 8192, 8192, cfg), variant=name, config=cfg)
-                     for name, cfg in VARIANTS]
+        def chosen(name, cfg):
+            return (re.search(args.select, name) and not (args.skip and re.search(args.skip, name))
+                    and (GLUON or "gluon" not in cfg))
+
+        for name, cfg in VARIANTS:
+            if chosen(name, cfg):
+                row = safe(dense_row, "8192^3", 8192, 8192, 8192,
+                           cfg if "gluon" in cfg else dict(cfg, **TRITON))
+                variants.append(dict(row, variant=name, config=cfg))
+                save(dense, grouped, variants)
         variants += [dict(safe(grouped_row, "v4-flash experts w1/w3", rows, experts, inter, d, cfg),
-                          variant=name, config=cfg) for name, cfg in GROUPED_VARIANTS]
-    write_json(args.out, {"command": " ".join(sys.argv), "dense": dense, "grouped": grouped,
-                          "variants": variants})
+                          variant=name, config=cfg) for name, cfg in GROUPED_VARIANTS if chosen(name, cfg)]
+    save(dense, grouped, variants)
     cols = ["shape", "M", "N", "K", "bf16", "rowwise", "ours", "ours+quant", "ours/bf16", "err_vs_bf16",
             "error"]
     if variants:
         print(table(variants, ["variant"] + cols))
         print()
-    print(table(dense + grouped, cols))
+    print(table(dense + grouped, cols[:-2] + ["triton", "triton/bf16", "gluon", "gluon/bf16", "err_vs_bf16",
+                                              "gluon_err_vs_triton", "error"]))
 
 
 if __name__ == "__main__":
