@@ -7,10 +7,10 @@ GEMM vs the BF16 torch._grouped_mm at v4-flash expert shapes; all in one run, on
 Operands are quantised once outside the timed region ("gemm" columns); "+quant" also times the 1x128
 activation quantisation that a training step pays per product. TFLOP/s = 2 M N K / median time
 (triton.testing.do_bench, L2 flushed between runs). "ours" is ``fp8_gemm`` as configured (gemm.CONFIG);
-on an sm_90 GPU the dense rows also time the two kernels separately: "triton" (the Triton GEMM) and
-"gluon" (the Gluon kernel, gemm_gluon.py). ``--variants`` also times every kernel configuration listed in
-VARIANTS (docs/benchmarks.md records what each changed), ``--select`` keeps those whose name matches. The
-table is printed last.
+on an sm_90 GPU the dense and the grouped rows also time the two kernels separately: "triton" (the Triton
+GEMM) and "gluon" (the Gluon kernel, gemm_gluon.py / grouped_gluon.py). ``--variants`` also times every
+kernel configuration listed in VARIANTS and GROUPED_VARIANTS (docs/benchmarks.md records what each
+changed), ``--select`` keeps those whose name matches. The table is printed last.
 """
 
 import argparse
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import table, write_json  # noqa: E402
 from model.kernels import fp8  # noqa: E402
 from model.kernels.gemm_gluon import fp8_gemm_gluon, gluon_supported  # noqa: E402
+from model.kernels.grouped_gluon import fp8_grouped_gemm_gluon, grouped_gluon_supported  # noqa: E402
 from model.kernels.rowwise import quantize_rowwise  # noqa: E402
 
 # Kernel configurations of the dense GEMM tried at 8192^3 (name, config overrides of gemm.CONFIG).
@@ -69,8 +70,13 @@ GROUPED_VARIANTS = [
     ("g5 split2 w8 s3", {"SPLIT": 2, "num_stages": 3}),
     ("g6 128x64 w4 s4", {"BN": 64, "num_warps": 4}),
     ("g7 warp-specialised w8 s4", {"WS": 1}),
+    # the Gluon grouped kernel (grouped_gluon.CONFIG overrides under "gluon"), 128x128 tiles
+    ("gg1 gluon carry w8 s4", {"gluon": {}}),
+    ("gg2 gluon carry w8 s5", {"gluon": {"STAGES": 5}}),
+    ("gg3 gluon carry warp-specialised s4", {"gluon": {"WS": 1}}),
+    ("gg4 gluon no-carry w8 s4", {"gluon": {"CARRY": 0}}),
 ]
-# Triton variants time the Triton kernel whatever gemm.CONFIG["GLUON"] says
+# Triton variants (dense and grouped) time the Triton kernel whatever gemm.CONFIG["GLUON"] says
 TRITON = {"GLUON": 0}
 GLUON = True  # --no-gluon: leave the Gluon kernel out
 
@@ -144,7 +150,16 @@ def expert_counts(rows: int, experts: int, seed: int = 0) -> torch.Tensor:
     return torch.cumsum(torch.bincount(idx, minlength=experts), 0).to(torch.int32).cuda()
 
 
-def grouped_row(label, rows, experts, n, k, config=None):
+def grouped_fn(config):
+    """The grouped GEMM a variant times: fp8_grouped_gemm with ``config``, or the Gluon kernel."""
+    if config and "gluon" in config:
+        return lambda a, sa, b, sb, offs: fp8_grouped_gemm_gluon(a, sa, b, sb, offs, config=config["gluon"])
+    return lambda a, sa, b, sb, offs: fp8.fp8_grouped_gemm(a, sa, b, sb, offs, config=config)
+
+
+def grouped_row(label, rows, experts, n, k, config=None, kernels=False):
+    """One expert shape: BF16 torch._grouped_mm, row-wise FP8 (where torch has it), ours (and ours+quant);
+    ``kernels`` adds the Triton and the Gluon grouped kernel's own columns."""
     offs = expert_counts(rows, experts)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -153,7 +168,8 @@ def grouped_row(label, rows, experts, n, k, config=None):
     b, sb, _ = fp8.quantize_weight(w, transpose=False)
     flop = 2.0 * rows * n * k
     ref = torch._grouped_mm(x, wt, offs=offs)
-    ours = fp8.fp8_grouped_gemm(a, sa, b, sb, offs, config=config)
+    gemm = grouped_fn(config)
+    ours = gemm(a, sa, b, sb, offs)
     row = {"shape": label, "M": rows, "N": n, "K": k, "E": experts, "err_vs_bf16": rel_err(ours, ref)}
     row["bf16"] = tflops(flop, lambda: torch._grouped_mm(x, wt, offs=offs))
     if hasattr(torch, "_scaled_grouped_mm"):
@@ -161,10 +177,18 @@ def grouped_row(label, rows, experts, n, k, config=None):
         rbt = rb.view(experts, n, k).transpose(1, 2)
         row["rowwise"] = tflops(flop, lambda: torch._scaled_grouped_mm(
             ra, rbt, rsa.view(-1), rsb.view(experts, n), offs=offs, out_dtype=torch.bfloat16))
-    row["ours"] = tflops(flop, lambda: fp8.fp8_grouped_gemm(a, sa, b, sb, offs, config=config))
-    row["ours+quant"] = tflops(flop, lambda: fp8.fp8_grouped_gemm(*fp8.quantize_act(x), b, sb, offs,
-                                                                  config=config))
+    row["ours"] = tflops(flop, lambda: gemm(a, sa, b, sb, offs))
+    row["ours+quant"] = tflops(flop, lambda: gemm(*fp8.quantize_act(x), b, sb, offs))
     row["ours/bf16"] = row["ours"] / row["bf16"]
+    if kernels:
+        triton_gemm = grouped_fn(TRITON)
+        row["triton"] = tflops(flop, lambda: triton_gemm(a, sa, b, sb, offs))
+        row["triton/bf16"] = row["triton"] / row["bf16"]
+        if GLUON and grouped_gluon_supported(a, b):
+            out = fp8_grouped_gemm_gluon(a, sa, b, sb, offs)
+            row["gluon_err_vs_triton"] = rel_err(out, triton_gemm(a, sa, b, sb, offs))
+            row["gluon"] = tflops(flop, lambda: fp8_grouped_gemm_gluon(a, sa, b, sb, offs))
+            row["gluon/bf16"] = row["gluon"] / row["bf16"]
     return row
 
 
@@ -209,9 +233,10 @@ def main() -> None:
     experts = flash["n_routed_experts"] // args.ep
     rows = args.tokens * flash["num_experts_per_tok"]
     d, inter = flash["hidden_size"], flash["moe_intermediate_size"]
-    grouped = [safe(grouped_row, *g) for g in [("v4-flash experts w1/w3", rows, experts, inter, d),
-                                                ("v4-flash experts w2", rows, experts, d, inter)]
-               if rows_re.search(g[0])]
+    expert_shapes = [("v4-flash experts w1/w3", rows, experts, inter, d),
+                     ("v4-flash experts w2", rows, experts, d, inter)]
+    grouped = [safe(grouped_row, *g, kernels=True) for g in expert_shapes if rows_re.search(g[0])]
+    save(dense, grouped, [])
     variants = []
     if args.variants:
         def chosen(name, cfg):
@@ -224,8 +249,12 @@ def main() -> None:
                            cfg if "gluon" in cfg else dict(cfg, **TRITON))
                 variants.append(dict(row, variant=name, config=cfg))
                 save(dense, grouped, variants)
-        variants += [dict(safe(grouped_row, "v4-flash experts w1/w3", rows, experts, inter, d, cfg),
-                          variant=name, config=cfg) for name, cfg in GROUPED_VARIANTS if chosen(name, cfg)]
+        for name, cfg in GROUPED_VARIANTS:
+            if chosen(name, cfg):
+                row = safe(grouped_row, "v4-flash experts w1/w3", rows, experts, inter, d,
+                           cfg if "gluon" in cfg else dict(cfg, **TRITON))
+                variants.append(dict(row, variant=name, config=cfg))
+                save(dense, grouped, variants)
     save(dense, grouped, variants)
     cols = ["shape", "M", "N", "K", "bf16", "rowwise", "ours", "ours+quant", "ours/bf16", "err_vs_bf16",
             "error"]

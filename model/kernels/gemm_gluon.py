@@ -18,6 +18,8 @@ Triton 3.6 for sm_90a: 224 in all, no spills, and no "wgmma serialized" warning:
 Tile edges in M and N are handled by TMA (zero fill on load, clipping on store); K needs 16-byte rows.
 """
 
+from functools import cache
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -40,7 +42,9 @@ from .runtime import GROUP, cdiv
 CONFIG = {"BM": 128, "STAGES": 4, "GROUP_M": 8, "CARRY": 1, "WS": 0, "CONSUMER_REGS": 232,
           "PRODUCER_REGS": 40}
 BN = 128
-_TORCH_TO_GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+_TORCH_TO_GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32,
+                torch.float8_e4m3fn: gl.float8e4nv}
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @gluon.jit
@@ -92,17 +96,17 @@ def _carry_step(k, acc, pend, spare, scale, a_desc, b_desc, a_bufs, b_bufs, read
 
 
 @gluon.jit
-def _mma_loop(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, M, K, s_sam, s_sak, s_sbn, s_sbk,
+def _mma_loop(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptrs, M, K, s_sam, s_sak, s_sbk,
               off_m, off_n, ROWS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
               A_PARTS: gl.constexpr, PART: gl.constexpr, WS: gl.constexpr, CARRY: gl.constexpr,
               num_warps: gl.constexpr):
-    """The K loop of one consumer (ROWS rows of the tile from row off_m): returns its fp32 accumulator."""
+    """The K loop of one consumer (ROWS rows of the tile from row off_m, B's rows from off_n; sb_ptrs: the
+    tile's 128x128 B scales at K step 0; rows from M on get scale 0): returns its fp32 accumulator."""
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BN, 32])
     rows = off_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))
     sa_ptrs = sa_ptr + rows * s_sam
     rmask = rows < M
-    sb_ptrs = sb_ptr + (off_n // 128) * s_sbn
     nk = gl.cdiv(K, BK)
     acc = gl.zeros([ROWS, BN], gl.float32, mma_layout)
     spare = gl.zeros([ROWS, BN], gl.float32, mma_layout)
@@ -186,8 +190,8 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s_sa
     for i in gl.static_range(STAGES):
         _issue_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, nk, off_m, off_n, BK, STAGES)
 
-    acc = _mma_loop(a_desc, b_desc, a_bufs, b_bufs, bars, bars, sa_ptr, sb_ptr, M, K, s_sam, s_sak, s_sbn,
-                    s_sbk, off_m, off_n, BM, BN, BK, STAGES, 1, 0, False, CARRY, num_warps)
+    acc = _mma_loop(a_desc, b_desc, a_bufs, b_bufs, bars, bars, sa_ptr, sb_ptr + (off_n // 128) * s_sbn, M, K,
+                    s_sam, s_sak, s_sbk, off_m, off_n, BM, BN, BK, STAGES, 1, 0, False, CARRY, num_warps)
     # both warpgroups are out of the loop (their barrier waits and wgmma reads) before the barriers go and
     # the output tile's buffer (which may share the ring's shared memory) is written
     gl.thread_barrier()
@@ -203,8 +207,9 @@ def _ws_consumer(PART: gl.constexpr, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_b
                  STAGES: gl.constexpr, CARRY: gl.constexpr):
     """One consumer warpgroup: rows PART * 64 ... + 63 of the tile."""
     row0 = off_m + PART * 64
-    acc = _mma_loop(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, M, K, s_sam, s_sak, s_sbn,
-                    s_sbk, row0, off_n, 64, BN, BK, STAGES, 2, PART, True, CARRY, 4)
+    sb_ptrs = sb_ptr + (off_n // 128) * s_sbn
+    acc = _mma_loop(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptrs, M, K, s_sam, s_sak, s_sbk,
+                    row0, off_n, 64, BN, BK, STAGES, 2, PART, True, CARRY, 4)
     _store_tile(acc, c_desc, c_bufs.index(PART), row0, off_n)
 
 
@@ -255,9 +260,16 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+@cache
+def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a TMA block (built once per block shape and dtype: part of the host cost
+    of a call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _TORCH_TO_GL[dtype])
+
+
 def gluon_supported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether ``fp8_gemm_gluon`` runs on these operands: sm_90 CUDA, 16-byte aligned rows and bases."""
-    if not (a.is_cuda and b.is_cuda) or out_dtype not in _TORCH_TO_GL:
+    if not (a.is_cuda and b.is_cuda) or out_dtype not in OUT_DTYPES:
         return False
     if torch.cuda.get_device_capability(a.device) != (9, 0):
         return False
@@ -289,13 +301,10 @@ def _launch(a, sa, b, sb, out_dtype, cfg):
     a_rows = 64 if ws else bm  # the warp-specialised kernel loads A in 64-row halves, one per consumer
     c_rows = 64 if ws else bm
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    fp8 = gl.float8e4nv
-    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [a_rows, GROUP],
-                              gl.NVMMASharedLayout.get_default_for([a_rows, GROUP], fp8))
-    b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [BN, GROUP],
-                              gl.NVMMASharedLayout.get_default_for([BN, GROUP], fp8))
-    c_desc = TensorDescriptor(c, [m, n], [n, 1], [c_rows, BN],
-                              gl.NVMMASharedLayout.get_default_for([c_rows, BN], _TORCH_TO_GL[out_dtype]))
+    fp8 = torch.float8_e4m3fn
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [a_rows, GROUP], smem_layout(a_rows, GROUP, fp8))
+    b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [BN, GROUP], smem_layout(BN, GROUP, fp8))
+    c_desc = TensorDescriptor(c, [m, n], [n, 1], [c_rows, BN], smem_layout(c_rows, BN, out_dtype))
     grid = (cdiv(m, bm) * cdiv(n, BN),)
     args = (a_desc, b_desc, c_desc, sa, sb, m, n, k, *sa.stride(), *sb.stride())
     if ws:

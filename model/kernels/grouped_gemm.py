@@ -15,7 +15,7 @@ from model.errors import MoeforgeError
 
 from .gemm import CONFIG, b_scale_ptrs, mainloop
 from .grouping import block_e, check_offsets, max_tiles, segment_tile, tile_ends
-from .runtime import GROUP, cdiv, check_kernel_inputs
+from .runtime import GROUP, cdiv, check_kernel_inputs, interpreting
 
 
 @triton.jit
@@ -79,18 +79,32 @@ def _check_fp8(*ts):
                                 f"with strides {t.stride()}")
 
 
-def fp8_grouped_gemm(a, sa, b, sb, offs, *, out_dtype=torch.bfloat16, config=None):
-    """a [M, K] e4m3 (sa [M, K/128]), b [E, N, K] e4m3 (sb [E, N/128, K/128]), offs [E] int32 cumulative
-    row ends -> [M, N]; rows past offs[-1] are left as zeros."""
+def check_grouped(a, sa, b, sb, offs):
+    """The operand checks of ``fp8_grouped_gemm`` (shared with the Gluon kernel)."""
     check_kernel_inputs(a, sa, b, sb, offs)
     _check_fp8(a, b)
-    m, k = a.shape
-    n_exp, n, kb = b.shape
-    check_offsets(offs, m)
-    if kb != k or offs.numel() != n_exp:
+    check_offsets(offs, a.shape[0])
+    if a.dim() != 2 or b.dim() != 3 or b.shape[2] != a.shape[1] or offs.numel() != b.shape[0]:
         raise MoeforgeError(f"grouped GEMM shapes do not fit: a {tuple(a.shape)}, b {tuple(b.shape)}, "
                             f"{offs.numel()} offsets")
+
+
+def fp8_grouped_gemm(a, sa, b, sb, offs, *, out_dtype=torch.bfloat16, config=None):
+    """a [M, K] e4m3 (sa [M, K/128]), b [E, N, K] e4m3 (sb [E, N/128, K/128]), offs [E] int32 cumulative
+    row ends -> [M, N]; rows past offs[-1] are left as zeros. With ``GLUON`` set (``config`` or gemm.CONFIG,
+    shared with ``fp8_gemm``), products of at least ``GLUON_MIN_GFLOP`` (2 M N K, M = all rows: known
+    without reading ``offs``) on an sm_90 GPU run the Gluon kernel (grouped_gluon.py) where
+    ``grouped_gluon_supported``; everything else (other GPUs, the interpreter) runs the Triton kernel."""
+    check_grouped(a, sa, b, sb, offs)
+    m, k = a.shape
+    n_exp, n, _ = b.shape
     cfg = dict(CONFIG, **(config or {}))
+    big = 2 * m * n * k >= cfg["GLUON_MIN_GFLOP"] * 1e9
+    if cfg["GLUON"] and big and m > 0 and a.is_cuda and not interpreting():
+        from . import grouped_gluon
+
+        if grouped_gluon.grouped_gluon_supported(a, b, out_dtype):
+            return grouped_gluon.fp8_grouped_gemm_gluon(a, sa, b, sb, offs, out_dtype=out_dtype)
     even_k = k % GROUP == 0
     split = cfg["SPLIT"] if even_k and cdiv(k, GROUP) % cfg["SPLIT"] == 0 else 1
     c = torch.zeros((m, n), dtype=out_dtype, device=a.device)
