@@ -91,16 +91,17 @@ def check_grouped(a, sa, b, sb, offs):
 
 def fp8_grouped_gemm(a, sa, b, sb, offs, *, out_dtype=torch.bfloat16, config=None):
     """a [M, K] e4m3 (sa [M, K/128]), b [E, N, K] e4m3 (sb [E, N/128, K/128]), offs [E] int32 cumulative
-    row ends -> [M, N]; rows past offs[-1] are left as zeros. With ``GLUON`` set (``config`` or gemm.CONFIG,
-    shared with ``fp8_gemm``), products of at least ``GLUON_MIN_GFLOP`` (2 M N K, M = all rows: known
-    without reading ``offs``) on an sm_90 GPU run the Gluon kernel (grouped_gluon.py) where
-    ``grouped_gluon_supported``; everything else (other GPUs, the interpreter) runs the Triton kernel."""
+    row ends -> [M, N]; rows past offs[-1] are left as zeros. With ``GLUON`` and ``GLUON_GROUPED`` set
+    (``config`` or gemm.CONFIG, ``GLUON`` shared with ``fp8_gemm``), products of at least
+    ``GLUON_MIN_GFLOP`` (2 M N K, M = all rows: known without reading ``offs``) on an sm_90 GPU run the
+    Gluon kernel (grouped_gluon.py) where ``grouped_gluon_supported``; everything else (other GPUs, the
+    interpreter) runs the Triton kernel."""
     check_grouped(a, sa, b, sb, offs)
     m, k = a.shape
     n_exp, n, _ = b.shape
     cfg = dict(CONFIG, **(config or {}))
     big = 2 * m * n * k >= cfg["GLUON_MIN_GFLOP"] * 1e9
-    if cfg["GLUON"] and big and m > 0 and a.is_cuda and not interpreting():
+    if cfg["GLUON"] and cfg["GLUON_GROUPED"] and big and m > 0 and a.is_cuda and not interpreting():
         from . import grouped_gluon
 
         if grouped_gluon.grouped_gluon_supported(a, b, out_dtype):

@@ -121,7 +121,7 @@ def test_gluon_grouped_bf16_and_dispatch(case, monkeypatch):
     kernel = grouped_gluon.fp8_grouped_gemm_gluon
     monkeypatch.setattr(grouped_gluon, "fp8_grouped_gemm_gluon",
                         lambda *x, **kw: calls.append(1) or kernel(*x, **kw))
-    every_size = {"GLUON": 1, "GLUON_MIN_GFLOP": 0}
+    every_size = {"GLUON": 1, "GLUON_GROUPED": 1, "GLUON_MIN_GFLOP": 0}
     c = grouped_gemm.fp8_grouped_gemm(a, sa, b, sb, offs, config=every_size)
     assert calls == [1]
     torch.testing.assert_close(c.float(), ref, **tol)
