@@ -170,6 +170,36 @@ def _tile_offsets(M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexp
 
 
 @gluon.jit
+def _ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The one-partition kernels' shared-memory ring: STAGES A and B tiles, one barrier per stage."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return a_bufs, b_bufs, bars
+
+
+@gluon.jit
+def _ws_ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The warp-specialised kernels' ring: two 64-row A halves and one B tile per stage, "ready" barriers
+    the producer's loads complete and "empty" ones both consumers arrive on."""
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, 64, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return a_bufs, b_bufs, ready, empty
+
+
+@gluon.jit
 def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s_sam, s_sak, s_sbn, s_sbk,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr,
                            num_warps: gl.constexpr):
@@ -181,11 +211,7 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s_sa
     gl.static_assert(BM == 16 * num_warps, "one m16 wgmma row block per warp")
     off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
 
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
+    a_bufs, b_bufs, bars = _ring(a_desc, b_desc, STAGES)
     nk = gl.cdiv(K, BK)
     for i in gl.static_range(STAGES):
         _issue_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, nk, off_m, off_n, BK, STAGES)
@@ -242,14 +268,8 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     off_m, off_n = _tile_offsets(M, N, 128, BN, GROUP_M)
 
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, 64, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+    a_bufs, b_bufs, ready, empty = _ws_ring(a_desc, b_desc, STAGES)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
     # (the argument tuples are spelled out: a tuple built by concatenation turns constexprs into tensors)
     gl.warp_specialize([
         (_ws_consumer, (0, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sa_ptr, sb_ptr, M, K,

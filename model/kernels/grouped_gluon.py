@@ -24,7 +24,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from model.errors import MoeforgeError
 
-from .gemm_gluon import BN, OUT_DTYPES, _issue_load, _mma_loop, _ws_producer, smem_layout
+from .gemm_gluon import BN, OUT_DTYPES, _issue_load, _mma_loop, _ring, _ws_producer, _ws_ring, smem_layout
 from .grouping import max_tiles
 from .runtime import GROUP, cdiv
 
@@ -93,11 +93,7 @@ def _grouped_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, offs_ptr, M, N, K, E,
     n0 = gl.program_id(0) * BN
     e, row0, row_end, tile = _segment_tile(gl.program_id(1), offs_ptr, M, E, BM, BLOCK_E, num_warps)
 
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
+    a_bufs, b_bufs, bars = _ring(a_desc, b_desc, STAGES)
     if tile:
         b_row = e * N + n0
         nk = gl.cdiv(K, BK)
@@ -149,13 +145,7 @@ def _grouped_ws_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, offs_ptr, M, N, K,
     k_live = gl.where(tile, K, 0)
     sb_ptrs = sb_ptr + e.to(gl.int64) * s_sbe + (n0 // 128) * s_sbn
 
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, 64, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    a_bufs, b_bufs, ready, empty = _ws_ring(a_desc, b_desc, STAGES)
     gl.warp_specialize([
         (_ws_consumer, (0, a_desc, b_desc, a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptrs, tile,
                         row0, row_end, b_row, n0, N, K, s_cm, s_sam, s_sak, s_sbk, BN, BK, STAGES, CARRY, VEC,
