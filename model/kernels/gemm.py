@@ -178,12 +178,19 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
 
 # Default launch configuration (H200 measurements in docs/benchmarks.md); interpreter uses small tiles.
 # GLUON: hand 128x128-block products of at least GLUON_MIN_GFLOP on sm_90 to the Gluon kernel
-# (gemm_gluon.py). It is 1.25x the Triton kernel at 8192^3 on an H100 but costs ~0.15 ms a call on the host
-# (descriptors), which loses on small products: 0.12x at 8192x512x1024, even at 34 GFLOP, ahead from 69.
+# (gemm_gluon.py). On an H100 (bench/results/fp8-run4-h100.json) it was 1.24x the Triton kernel at 8192^3
+# but 0.12x at 8192x512x1024 (8.6 GFLOP) and 0.8-1.03x at 34 GFLOP, ahead from 69 GFLOP: a fixed cost of
+# about 0.15 ms a call, which small products do not hide.
 CONFIG = {"BM": 128, "BN": 128, "GROUP_M": 8, "SPLIT": 1, "num_warps": 8, "num_stages": 4, "PERSISTENT": 0,
           "WS": 0, "CARRY": 0, "GLUON": 1, "GLUON_MIN_GFLOP": 64, "GLUON_GROUPED": 0}
 # GLUON_GROUPED: the same for fp8_grouped_gemm (grouped_gluon.py). Off until the kernel has run on a GPU: it
 # compiles for sm_90a without spills, but its GPU tests and speed are not yet measured (docs/benchmarks.md).
+
+
+def wants_gluon(cfg: dict, a: torch.Tensor, flop: int) -> bool:
+    """Whether ``cfg`` sends a product of ``flop`` on ``a``'s device to a Gluon kernel (GLUON above); the
+    kernel's own ``*_supported`` check decides the rest."""
+    return bool(cfg["GLUON"]) and flop >= cfg["GLUON_MIN_GFLOP"] * 1e9 and a.is_cuda and not interpreting()
 
 
 def _num_programs(tiles: int, persistent: int, device: torch.device) -> int:
@@ -220,8 +227,7 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
     m, k = a.shape
     n = b.shape[0]
     cfg = dict(CONFIG, **(config or {}))
-    big = 2 * m * n * k >= cfg["GLUON_MIN_GFLOP"] * 1e9
-    if cfg["GLUON"] and big and b_block and a.is_cuda and not interpreting():
+    if b_block and wants_gluon(cfg, a, 2 * m * n * k):
         from . import gemm_gluon
 
         if gemm_gluon.gluon_supported(a, b, out_dtype):

@@ -13,9 +13,9 @@ import triton.language as tl
 
 from model.errors import MoeforgeError
 
-from .gemm import CONFIG, b_scale_ptrs, mainloop
+from .gemm import CONFIG, b_scale_ptrs, mainloop, wants_gluon
 from .grouping import block_e, check_offsets, max_tiles, segment_tile, tile_ends
-from .runtime import GROUP, cdiv, check_kernel_inputs, interpreting
+from .runtime import GROUP, cdiv, check_kernel_inputs
 
 
 @triton.jit
@@ -100,8 +100,7 @@ def fp8_grouped_gemm(a, sa, b, sb, offs, *, out_dtype=torch.bfloat16, config=Non
     m, k = a.shape
     n_exp, n, _ = b.shape
     cfg = dict(CONFIG, **(config or {}))
-    big = 2 * m * n * k >= cfg["GLUON_MIN_GFLOP"] * 1e9
-    if cfg["GLUON"] and cfg["GLUON_GROUPED"] and big and m > 0 and a.is_cuda and not interpreting():
+    if cfg["GLUON_GROUPED"] and m > 0 and wants_gluon(cfg, a, 2 * m * n * k):
         from . import grouped_gluon
 
         if grouped_gluon.grouped_gluon_supported(a, b, out_dtype):
