@@ -21,6 +21,7 @@ Tile edges in M and N are handled by TMA (zero fill on load, clipping on store);
 from functools import cache
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -280,6 +281,17 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, s
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+# Gluon is experimental and its API moves between triton releases (3.7+ renamed the TMA copies and dropped
+# gl.thread_barrier), so the Gluon kernels run only under the triton they were written and measured with;
+# under any other the Triton kernels take their products.
+GLUON_TRITON = (3, 6)
+
+
+def gluon_triton_ok(version: str = triton.__version__) -> bool:
+    """Whether this triton release is the one the Gluon kernels target (``GLUON_TRITON``)."""
+    return tuple(int(x) for x in version.split(".")[:2]) == GLUON_TRITON
+
+
 @cache
 def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     """The shared-memory layout of a TMA block (built once per block shape and dtype: part of the host cost
@@ -288,8 +300,9 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayou
 
 
 def gluon_supported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``fp8_gemm_gluon`` runs on these operands: sm_90 CUDA, 16-byte aligned rows and bases."""
-    if not (a.is_cuda and b.is_cuda) or out_dtype not in OUT_DTYPES:
+    """Whether ``fp8_gemm_gluon`` runs on these operands: sm_90 CUDA under the targeted triton, 16-byte
+    aligned rows and bases."""
+    if not (a.is_cuda and b.is_cuda) or out_dtype not in OUT_DTYPES or not gluon_triton_ok():
         return False
     if torch.cuda.get_device_capability(a.device) != (9, 0):
         return False

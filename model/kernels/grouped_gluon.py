@@ -24,7 +24,17 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from model.errors import MoeforgeError
 
-from .gemm_gluon import BN, OUT_DTYPES, _issue_load, _mma_loop, _ring, _ws_producer, _ws_ring, smem_layout
+from .gemm_gluon import (
+    BN,
+    OUT_DTYPES,
+    _issue_load,
+    _mma_loop,
+    _ring,
+    _ws_producer,
+    _ws_ring,
+    gluon_triton_ok,
+    smem_layout,
+)
 from .grouping import max_tiles
 from .runtime import GROUP, cdiv
 
@@ -177,9 +187,11 @@ def segment_tile_ref(t: torch.Tensor, offs: torch.Tensor, m: int, block: int = B
 
 def grouped_gluon_supported(a: torch.Tensor, b: torch.Tensor,
                             out_dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``fp8_grouped_gemm_gluon`` runs on these operands: sm_90 CUDA, 16-byte aligned rows and bases,
-    b [E, N, K] viewable as [E * N, K]."""
+    """Whether ``fp8_grouped_gemm_gluon`` runs on these operands: sm_90 CUDA under the targeted triton,
+    16-byte aligned rows and bases, b [E, N, K] viewable as [E * N, K]."""
     if not (a.is_cuda and b.is_cuda) or out_dtype not in OUT_DTYPES or a.dim() != 2 or b.dim() != 3:
+        return False
+    if not gluon_triton_ok():
         return False
     if torch.cuda.get_device_capability(a.device) != (9, 0):
         return False

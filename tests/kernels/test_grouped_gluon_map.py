@@ -99,3 +99,12 @@ def test_emulated_kernel_matches_reference(case):
     assert not got.isnan().any()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert (got[ends[-1]:] == 0).all()
+
+
+def test_gluon_kernels_run_only_under_the_triton_they_target():
+    """The Gluon API moves between releases (3.9 renamed the TMA copies): any other triton keeps the Triton
+    kernels, so ``gluon_supported`` / ``grouped_gluon_supported`` refuse there."""
+    from model.kernels.gemm_gluon import gluon_triton_ok
+
+    assert gluon_triton_ok("3.6.0") and gluon_triton_ok("3.6.1")
+    assert not any(gluon_triton_ok(v) for v in ("3.5.1", "3.7.0", "3.9.0", "3.10.0"))
