@@ -20,6 +20,8 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -182,6 +184,33 @@ def summarise(prof, wall_s: float, steps: int, top: int) -> dict:
             "top_ops": ops[:top]}
 
 
+def sync_sites(step) -> dict:
+    """Run `step` once with CUDA's sync debug mode on; count each synchronising call by the innermost frame
+    of this repository on its stack (`path:line`)."""
+    counts: dict = defaultdict(int)
+    original = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return original(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(str(ROOT))
+                  and not f.filename.endswith("profile_step.py")]
+        site = f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else filename
+        counts[site] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = original
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -196,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace here")
+    p.add_argument("--sync-sites", action="store_true",
+                   help="CUDA: one more step under torch.cuda.set_sync_debug_mode, counting where each host "
+                        "synchronisation is called from (the repository's innermost frame)")
     args = p.parse_args(argv)
     b, s = (int(x) for x in args.shape.split("x"))
     row = Row(args.model, args.shape, args.impl, b, s // 64 if args.tiny else s)
@@ -222,10 +254,14 @@ def main(argv: list[str] | None = None) -> None:
             sync(device)
             wall = time.perf_counter() - started
         unlabel(handles)
+        sites = sync_sites(built.step) if args.sync_sites and device.type == "cuda" else None
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
     summary = summarise(prof, wall, args.steps, args.top)
     summary.update(row=row.record(), attn=attn, details=built.details)
+    if sites is not None:
+        summary["sync_sites"] = sites
+        print("host synchronisations of one step, by call site:", sites)
     write_json(Path(args.out), summary)
     print(f"step {summary['step_ms']:.1f} ms, device busy {summary['device_busy_ms']:.1f} ms "
           f"({100 * summary['device_busy_share']:.0f}%), host syncs/step {summary['host_syncs_per_step']}")
