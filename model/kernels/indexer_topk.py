@@ -81,7 +81,9 @@ def index_topk(q_BSHC, w_BSH, keys_BTC, first_BS, nvis_BS, k: int, chunk: int = 
     for lo in range(0, s, step):
         hi = min(lo + step, s)
         first, nvis = first_BS[:, lo:hi], nvis_BS[:, lo:hi]
-        t0, t1 = int(first.min().item()), int((first + nvis).max().item())
+        # One chunk of every query: score the whole entry range (masked per query) without reading the
+        # span back to the host, which would stall the launch queue. Smaller chunks skip what none sees.
+        t0, t1 = (0, t) if hi - lo == s else (int(first.min().item()), int((first + nvis).max().item()))
         if t1 <= t0:
             continue
         scores = index_scores(q_BSHC[:, lo:hi], w_BSH[:, lo:hi], keys_BTC, first, nvis, t0, t1)
