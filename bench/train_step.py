@@ -18,6 +18,8 @@ Implementations (`--impls`):
   bf16-compile, fp8-compile   with trainer.compile=mhc (train/compile.py: fused mHC and norms).
   bf16-compile-adamw   bf16-compile with every parameter on AdamW (fused), the peer's optimizer: the
             framework's step without Muon's Newton-Schulz (about 17 TFLOP per v4-small step at 2 x 4096).
+  bf16-blocks, fp8-blocks, bf16-blocks-adamw   the same with trainer.compile=blocks (mhc plus the
+            element-wise glue of attention, compressors, indexer queries, router and shared expert).
 moeforge rows use `model.attn_impl=triton` on CUDA (`--attn-impl`; the row records what ran).
 
 Rows run in the priority order of `PLAN` (`--models`, `--rows SHAPE[:IMPL],...`, `--impls` filter it); a row
@@ -71,6 +73,9 @@ OURS = {  # moeforge implementations: precision, MTP on, activation checkpointin
     "bf16-compile": dict(precision="bf16", mtp=False, ac=False, compile="mhc"),
     "fp8-compile": dict(precision="fp8", mtp=False, ac=False, compile="mhc"),
     "bf16-compile-adamw": dict(precision="bf16", mtp=False, ac=False, compile="mhc", optim="adamw"),
+    "bf16-blocks": dict(precision="bf16", mtp=False, ac=False, compile="blocks"),
+    "fp8-blocks": dict(precision="fp8", mtp=False, ac=False, compile="blocks"),
+    "bf16-blocks-adamw": dict(precision="bf16", mtp=False, ac=False, compile="blocks", optim="adamw"),
 }
 IMPLS = ("peer", *OURS)
 PLAN = [  # (model, B x S, implementation) in priority order. Consecutive rows of one implementation share
@@ -78,6 +83,8 @@ PLAN = [  # (model, B x S, implementation) in priority order. Consecutive rows o
     ("v4-small", "2x4096", "peer"), ("v4-small", "2x4096", "fp8"), ("v4-small", "2x4096", "bf16-mtp"),
     ("v4-small", "2x4096", "bf16"), ("v4-small", "2x4096", "bf16-compile"),
     ("v4-small", "2x4096", "fp8-compile"), ("v4-small", "2x4096", "bf16-compile-adamw"),
+    ("v4-small", "2x4096", "bf16-blocks"), ("v4-small", "2x4096", "fp8-blocks"),
+    ("v4-small", "2x4096", "bf16-blocks-adamw"),
     ("v4-small", "1x65536", "bf16"), ("v4-small", "4x2048", "bf16"),
     ("v4-small", "1x8192", "bf16"), ("v4-small", "1x32768", "bf16"),
     ("v4-small", "1x65536", "bf16-ac"), ("v4-small", "1x32768", "bf16-ac"),

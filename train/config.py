@@ -48,7 +48,7 @@ class TrainerConfig:
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     activation_checkpointing: bool = False
-    compile: str = "none"  # none | mhc (train/compile.py)
+    compile: str = "none"  # none | mhc | blocks (train/compile.py)
     mtp_weight: float = 0.3
     mtp_weight_decay_phase: float = 0.1  # MTP weight once the LR starts to decay
     sparse_from_step: int = 0  # CSA attends densely before this step, to the indexer's top-k from it on
