@@ -64,7 +64,7 @@ def test_tiny_rows_of_every_implementation_end_to_end(tmp_path):
 def test_plan_order_and_filters(tmp_path):
     rows = ts.plan_rows(ts.parse_args(["--out", str(tmp_path / "x.json")]))
     first = [("2x4096", i) for i in ("peer", "fp8", "bf16-mtp", "bf16", "bf16-compile", "fp8-compile",
-                                         "bf16-compile-adamw", "bf16-blocks", "fp8-blocks", "bf16-blocks-adamw")]
+                                         "bf16-compile-adamw", "bf16-blocks", "bf16-blocks-adamw", "fp8-blocks")]
     assert [(r.shape, r.impl) for r in rows[:11]] == first + [("1x65536", "bf16")]
     assert {r.shape for r in rows} == {"2x4096", "4x2048", "1x8192", "1x32768", "1x65536"}
     assert {(r.model, r.impl) for r in rows} >= {("v4-medium", i) for i in ("peer", "bf16", "fp8")}
