@@ -22,9 +22,10 @@ def score_fn(logits: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float):
-    """w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit)); w1 x and w3 x as one product."""
-    gate, up = F.linear(x, torch.cat([w1, w3])).chunk(2, dim=-1)
-    return F.linear(F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit), w2)
+    """w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))."""
+    gate = F.linear(x, w1).clamp(max=limit)
+    up = F.linear(x, w3).clamp(min=-limit, max=limit)
+    return F.linear(F.silu(gate) * up, w2)
 
 
 def make_tid2eid(vocab: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
