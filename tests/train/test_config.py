@@ -41,7 +41,7 @@ def test_yaml_lists_every_schema_key(compose_cfg):
     ("logger.wandb.mode=loud", "logger.wandb.mode"),
     ("checkpoint.keep=0", "checkpoint.keep"),
     ("trainer.device=tpu", "trainer.device"),
-    ("trainer.compile=blocks", "trainer.compile"),
+    ("trainer.compile=everything", "trainer.compile"),
     ("trainer.seq_len=8192", "trainer.seq_len"),
 ])
 def test_errors_name_the_key(compose_cfg, override, key):
