@@ -57,5 +57,7 @@ def compile_model(model: nn.Module, what: str) -> nn.Module:
             for cls, name in BLOCK_METHODS:
                 if isinstance(m, cls):
                     fn = getattr(type(m), name)
-                    setattr(m, name, functools.partial(compiled.setdefault(fn, _compiled(fn)), m))
+                    if fn not in compiled:
+                        compiled[fn] = _compiled(fn)
+                    setattr(m, name, functools.partial(compiled[fn], m))
     return model
